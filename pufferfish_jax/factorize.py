@@ -79,14 +79,15 @@ def plan(
     """
     rank_ratio = rank_rule.validate_rank_ratio(rank_ratio)
     chosen: list[FactorizedLayer] = []
-    low_rank_prefixes: list[str] = []
-    for path, module in nnx.iter_modules(model):
+    # ``nnx.iter_modules`` visits children before their parent, so the low-rank layers are
+    # collected first: their factors (``first``/``second``) are never split again.
+    modules = list(nnx.iter_modules(model))
+    low_rank_paths = [tuple(path) for path, module in modules if isinstance(module, LOW_RANK_TYPES)]
+    for path, module in modules:
+        path = tuple(path)
+        if any(path[: len(p)] == p for p in low_rank_paths):
+            continue  # an already low-rank layer, or one of its factors
         name = dotted(path)
-        if isinstance(module, LOW_RANK_TYPES):
-            low_rank_prefixes.append(name)
-            continue
-        if any(name.startswith(prefix + ".") for prefix in low_rank_prefixes):
-            continue  # the factors of an already low-rank layer are never split again
         fans = _fans(module)
         if fans is None or rank_rule.path_matches(name, keep_full_rank):
             continue

@@ -1,0 +1,1 @@
+"""Command-line experiments: one script per task, options as flags."""

@@ -1,0 +1,46 @@
+"""The training state: a pytree of arrays, nothing else, so it jits, shards and checkpoints as is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from pufferfish_jax.reducers import Reducer
+
+
+@struct.dataclass
+class TrainState:
+    """``params`` are the trainable ``nnx.Param``s; ``rest`` is every other variable (BN statistics,
+    dropout RNG counters); ``opt_state`` and ``reducer_state`` belong to the current phase."""
+
+    step: jax.Array
+    params: nnx.State
+    rest: nnx.State
+    opt_state: Any
+    reducer_state: Any
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    """(train graphdef, eval graphdef, params, rest). Train/eval differ only in static flags."""
+    model.train()
+    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    model.train()
+    return train_def, eval_def, params, rest
+
+
+def init_state(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation, reducer: Reducer, step: int = 0) -> TrainState:
+    """A fresh optimizer and reducer state for ``params`` (used at the start and at the switch,
+    where the official code also creates a new optimizer)."""
+    return TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        reducer_state=reducer.init(params),
+    )
