@@ -14,12 +14,12 @@ import sys
 import time
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
-from experiments.cli import UsageError, check_out_dir, fail, rank_ratio_arg
+from experiments.cli import ArgumentParser, UsageError, check_out_dir, fail, rank_ratio_arg
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.cifar", description=__doc__,
+    p = ArgumentParser(prog="python -m experiments.cifar", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet18", help="resnet18 or vgg19")
     p.add_argument("--ranks", type=rank_ratio_arg, default=0.25,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import NoReturn
@@ -11,6 +12,13 @@ class UsageError(Exception):
     """A problem with the user's input; reported as one sentence, exit code 2, nothing written."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one sentence (no usage dump) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -18,8 +26,6 @@ def fail(message: str) -> NoReturn:
 
 def rank_ratio_arg(text: str) -> float:
     """argparse type for ``--ranks``: a number in (0, 1]."""
-    import argparse
-
     from pufferfish_jax.ranks import validate_rank_ratio
 
     try:
