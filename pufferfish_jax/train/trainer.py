@@ -166,13 +166,18 @@ def fit(
         if phase_of(epoch, cfg) != phase.name:
             t0 = time.perf_counter()
             model = nnx.merge(phase.train_def, jax.device_get(state.params), jax.device_get(state.rest))
-            factorize(model, cfg.rank_ratio, exp.keep_full_rank, exp.rank_overrides, init="svd")
+            switched = factorize(model, cfg.rank_ratio, exp.keep_full_rank, exp.rank_overrides, init="svd")
             jax.block_until_ready(nnx.state(model))
             transition_s = time.perf_counter() - t0
-            phase, params, rest = _compile_phase(LOW_RANK, model, exp, tx, reducer, mesh)
-            state = replicate(init_state(params, rest, tx, reducer, step=int(state.step)), mesh)
-            del model
-            log.write({"event": "transition", "epoch": epoch, "transition_s": transition_s, "params": phase.params})
+            if not switched:  # e.g. --ranks 1.0: the vanilla run goes on untouched (no optimizer reset)
+                phase.name = LOW_RANK
+                del model
+            else:
+                phase, params, rest = _compile_phase(LOW_RANK, model, exp, tx, reducer, mesh)
+                state = replicate(init_state(params, rest, tx, reducer, step=int(state.step)), mesh)
+                del model
+            log.write({"event": "transition", "epoch": epoch, "transition_s": transition_s, "params": phase.params,
+                       "factorized_layers": len(switched)})
 
         lr = exp.schedule(epoch)
         lr_arr = jnp.asarray(lr, jnp.float32)
