@@ -26,6 +26,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def place_state(state: Any, mesh: Mesh) -> Any:
+    """Puts a :class:`~pufferfish_jax.train.state.TrainState` on ``mesh``: replicated, except
+    the per-worker reducer state, sharded on its leading axis."""
+    from pufferfish_jax.train.state import state_specs
+
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
+                             is_leaf=lambda x: isinstance(x, P))
+    return jax.device_put(state, shardings)
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays sharded on ``data`` from this process's rows of the batch."""
     sharding = NamedSharding(mesh, P(DATA))

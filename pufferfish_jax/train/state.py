@@ -34,13 +34,29 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.Stat
     return train_def, eval_def, params, rest
 
 
-def init_state(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation, reducer: Reducer, step: int = 0) -> TrainState:
+def init_state(
+    params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation, reducer: Reducer, num_workers: int, step: int = 0
+) -> TrainState:
     """A fresh optimizer and reducer state for ``params`` (used at the start and at the switch,
-    where the official code also creates a new optimizer)."""
+    where the official code also creates a new optimizer).
+
+    The reducer's state is per worker (error feedback and momentum are local), so it gets a
+    leading axis of ``num_workers`` that the data-parallel step shards over the devices.
+    """
+    one = reducer.init(params)
     return TrainState(
         step=jnp.asarray(step, jnp.int32),
         params=params,
         rest=rest,
         opt_state=tx.init(params),
-        reducer_state=reducer.init(params),
+        reducer_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (num_workers, *jnp.shape(x))), one),
     )
+
+
+def state_specs(state: TrainState) -> TrainState:
+    """Partition specs: everything replicated except the per-worker reducer state."""
+    from jax.sharding import PartitionSpec as P
+
+    from pufferfish_jax.parallel import DATA
+
+    return TrainState(step=P(), params=P(), rest=P(), opt_state=P(), reducer_state=P(DATA))

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from pufferfish_jax.parallel import DATA
 from pufferfish_jax.reducers import Reducer
-from pufferfish_jax.train.state import TrainState
+from pufferfish_jax.train.state import TrainState, state_specs
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -54,7 +54,9 @@ def make_train_step(
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (_, (metrics, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-        grads, reducer_state = reducer.reduce(grads, state.reducer_state, DATA)
+        mine = jax.tree.map(lambda x: x[0], state.reducer_state)  # this worker's slice
+        grads, mine = reducer.reduce(grads, mine, DATA)
+        reducer_state = jax.tree.map(lambda x: x[None], mine)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
         rest = jax.tree.map(lambda x: jax.lax.pmean(x, DATA) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
@@ -62,7 +64,8 @@ def make_train_step(
                                   reducer_state=reducer_state)
         return new_state, jax.lax.psum(metrics, DATA)
 
-    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(), P()), check_vma=False)
+    specs = state_specs(None)
+    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA), P()), out_specs=(specs, P()), check_vma=False)
     return jax.jit(sharded, donate_argnums=0)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pufferfish_jax.accounting import count_params
 from pufferfish_jax.factorize import factorize
-from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch, replicate
+from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch, place_state
 from pufferfish_jax.reducers import Reducer, all_reduce
 from pufferfish_jax.train.state import TrainState, init_state, split_model
 from pufferfish_jax.train.steps import LossFn, make_eval_step, make_train_step
@@ -156,7 +156,7 @@ def fit(
     if name == LOW_RANK:
         factorize(model, cfg.rank_ratio, exp.keep_full_rank, exp.rank_overrides, init="random", rngs=nnx.Rngs(cfg.seed + 1))
     phase, params, rest = _compile_phase(name, model, exp, tx, reducer, mesh)
-    state = replicate(init_state(params, rest, tx, reducer), mesh)
+    state = place_state(init_state(params, rest, tx, reducer, mesh.size), mesh)
     del model
 
     transition_s = None
@@ -174,7 +174,7 @@ def fit(
                 del model
             else:
                 phase, params, rest = _compile_phase(LOW_RANK, model, exp, tx, reducer, mesh)
-                state = replicate(init_state(params, rest, tx, reducer, step=int(state.step)), mesh)
+                state = place_state(init_state(params, rest, tx, reducer, mesh.size, step=int(state.step)), mesh)
                 del model
             log.write({"event": "transition", "epoch": epoch, "transition_s": transition_s, "params": phase.params,
                        "factorized_layers": len(switched)})
