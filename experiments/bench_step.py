@@ -31,14 +31,16 @@ after the SVD program was compiled once (what the trainer pays at the switch).
    BN statistics, ReLU, residual adds, loss). Events run concurrently on the CPU threads,
    so wall time is attributed with a sweep line: each instant is split equally among the
    categories running then; the union is the busy time, and ``idle/dispatch`` is the
-   measured step time minus it. FLOP counts (``cost_analysis``) are not used for the
+   wall time of the traced steps minus it (Python dispatch, waiting). FLOP counts (``cost_analysis``) are not used for the
    split: XLA:CPU reports one total, not per op, and FLOPs say nothing about the
    memory-bound BN/elementwise time that matters here.
 
 From the traced split the *Amdahl bound* follows: if only the ``conv/dot`` time shrank by
 the model's MAC ratio (2.56× for ResNet-18 at ranks 0.25) and everything else stayed,
 the step speedup would be at most ``1 / ((1 - f) + f / mac_ratio)`` with ``f`` the
-``conv/dot`` share of the vanilla step.
+``conv/dot`` share of the (traced) vanilla step. The trace also shows how much the
+``conv/dot`` time itself shrank, which is usually less than the MAC ratio (a rank-``r``
+3×3 conv followed by a 1×1 conv is two thin ops instead of one wide one).
 
 A table goes to stdout, then as the last line one JSON object (``vanilla_ms``,
 ``pufferfish_ms``, ``speedup``, ``transition_s``, ``xla_flags``, ``jax_version``, ``width``,
@@ -225,6 +227,8 @@ _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SOURCE = re.compile(r'source_file="([^"]*)"(?:\s+source_line=(\d+))?')
+_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
+_TABLE_ROW = re.compile(r"^(\d+)\s+(.*)$")
 
 
 def _split_shape(rest: str) -> str:
@@ -241,8 +245,48 @@ def _split_shape(rest: str) -> str:
     return rest.split(" ", 1)[1] if " " in rest else ""
 
 
+def _stack_tables(text: str):
+    """``frame id -> [(file, line), ...]`` (innermost first) from the module's stack-frame tables."""
+    tables: dict[str, dict[int, str]] = {}
+    section = None
+    for line in text.splitlines():
+        if line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line.strip()
+            tables[section] = {}
+            continue
+        row = _TABLE_ROW.match(line) if section else None
+        if row:
+            tables[section][int(row.group(1))] = row.group(2)
+        elif section and line.strip() == "":
+            section = None
+    files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+    locs = {}
+    for k, v in tables.get("FileLocations", {}).items():
+        f, ln = re.search(r"file_name_id=(\d+)", v), re.search(r"\bline=(\d+)", v)
+        locs[k] = (files.get(int(f.group(1)), "") if f else "", int(ln.group(1)) if ln else 0)
+    frames = {}
+    for k, v in tables.get("StackFrames", {}).items():
+        loc, parent = re.search(r"file_location_id=(\d+)", v), re.search(r"parent_frame_id=(\d+)", v)
+        frames[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) if parent else 0)
+
+    def chain(frame_id: int) -> list[tuple[str, int]]:
+        out, seen = [], set()
+        while frame_id in frames and frame_id not in seen:
+            seen.add(frame_id)
+            loc, parent = frames[frame_id]
+            out.append(locs.get(loc, ("", 0)))
+            frame_id = parent
+        return out
+
+    return chain
+
+
 def parse_hlo(text: str) -> dict[str, dict]:
-    """Instruction name → {opcode, calls, op_name, source, computation} for every instruction."""
+    """Instruction name → {opcode, calls, op_name, sources, computation} for every instruction.
+
+    ``sources`` is the Python call stack of the instruction's metadata, ``[(file, line), ...]``.
+    """
+    chain = _stack_tables(text)
     instrs: dict[str, dict] = {}
     comp = None
     for line in text.splitlines():
@@ -261,14 +305,23 @@ def parse_hlo(text: str) -> dict[str, dict]:
         calls = _CALLS.findall(body)
         for group in _BRANCHES.findall(body):
             calls += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-        op_name = _OP_NAME.search(body)
-        source = _SOURCE.search(body)
-        instrs[name] = {
-            "opcode": opcode.group(1), "calls": calls, "computation": comp,
-            "op_name": op_name.group(1) if op_name else "",
-            "source": f"{source.group(1)}:{source.group(2) or ''}" if source else "",
-        }
+        op_name, source, frame = _OP_NAME.search(body), _SOURCE.search(body), _FRAME_ID.search(body)
+        sources = chain(int(frame.group(1))) if frame else []
+        if source:
+            sources.insert(0, (source.group(1), int(source.group(2) or 0)))
+        instrs[name] = {"opcode": opcode.group(1), "calls": calls, "computation": comp,
+                        "op_name": op_name.group(1) if op_name else "", "sources": sources}
     return instrs
+
+
+def _update_lines() -> set[int]:
+    """Lines of ``train/steps.py`` that apply the optimizer (``tx.update`` and the parameter update)."""
+    import inspect
+
+    from pufferfish_jax.train import steps
+
+    lines = inspect.getsource(steps).splitlines()
+    return {i + 1 for i, ln in enumerate(lines) if "tx.update(" in ln or "(lr * u)" in ln}
 
 
 def categorize(instrs: dict[str, dict]) -> dict[str, str]:
@@ -277,6 +330,7 @@ def categorize(instrs: dict[str, dict]) -> dict[str, str]:
     for ins in instrs.values():
         by_comp.setdefault(ins["computation"], []).append(ins)
     memo: dict[str, bool] = {}
+    update_lines = _update_lines()
 
     def comp_has_mac(comp: str, seen=()) -> bool:
         if comp in memo:
@@ -289,10 +343,12 @@ def categorize(instrs: dict[str, dict]) -> dict[str, str]:
         return found
 
     def is_optimizer(ins: dict) -> bool:
-        where = ins["source"] + " " + ins["op_name"]
-        return "optax" in where or ("train/steps.py" in ins["source"] and "value_and_grad" not in ins["op_name"]
-                                    and "transpose(jvp" not in ins["op_name"] and "jvp(" not in ins["op_name"]
-                                    and "pmean" not in ins["op_name"] and "psum" not in ins["op_name"])
+        for file, line in ins["sources"]:
+            if "/optax/" in file and "/optax/losses/" not in file:
+                return True
+            if file.endswith("train/steps.py") and line in update_lines:
+                return True
+        return False
 
     out = {}
     for name, ins in instrs.items():
@@ -308,15 +364,15 @@ def categorize(instrs: dict[str, dict]) -> dict[str, str]:
     return out
 
 
-def trace_breakdown(runner: Runner, steps: int) -> dict[str, float]:
-    """Milliseconds per step in each category (sweep-line wall attribution over a profiler trace)."""
+def trace_breakdown(runner: Runner, steps: int) -> tuple[dict[str, float], float]:
+    """Milliseconds per step in each category (sweep-line wall attribution over a profiler
+    trace), and the median wall time of the traced steps."""
     import jax
 
     names = categorize(parse_hlo(runner.compiled.as_text()))
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir):
-            for _ in range(steps):
-                runner.run()
+            walls = [runner.run() for _ in range(steps)]
         files = list(Path(log_dir).rglob("*.xplane.pb"))
         if not files:
             raise RuntimeError("the profiler wrote no .xplane.pb")
@@ -348,7 +404,7 @@ def trace_breakdown(runner: Runner, steps: int) -> dict[str, float]:
         span = points[i + 1] - points[i]
         for c in active:
             totals[c] += span / len(active)
-    return {c: totals[c] / steps / 1e6 for c in CATEGORIES}
+    return {c: totals[c] / steps / 1e6 for c in CATEGORIES}, 1e3 * _median(walls)
 
 
 def amdahl(fraction: float, factor: float) -> float:
@@ -476,16 +532,15 @@ def profile(args: argparse.Namespace, runners: list[Runner], result: dict) -> di
         print(f"{'':14s}" + "".join(f"{c:>16s}" for c in CATEGORIES) + f"{'idle/dispatch':>15s}{'step':>9s}")
         split = {}
         for r in runners:
-            cats = trace_breakdown(r, args.profile_steps)
-            step_ms = result[f"{r.name}_ms"]
+            cats, step_ms = trace_breakdown(r, args.profile_steps)
             cats["idle/dispatch"] = max(0.0, step_ms - sum(cats.values()))
+            cats["step"] = step_ms
             split[r.name] = cats
             out[f"{r.name}_trace_ms"] = {k: round(v, 2) for k, v in cats.items()}
             print(f"{r.name:14s}" + "".join(f"{cats[c]:>16.1f}" for c in CATEGORIES)
                   + f"{cats['idle/dispatch']:>15.1f}{step_ms:>9.1f}")
         v = split["vanilla"]
-        step_v = result["vanilla_ms"]
-        f = min(1.0, v["conv/dot"] / step_v)
+        f = min(1.0, v["conv/dot"] / v["step"])
         out["conv_fraction"] = round(f, 4)
         out["amdahl_bound"] = round(amdahl(f, mac_ratio), 4)
         conv_speedup = v["conv/dot"] / max(split["pufferfish"]["conv/dot"], 1e-9)

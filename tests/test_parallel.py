@@ -39,11 +39,14 @@ def _train(devices, model_kind: str, steps: int, npz: str):
     step = make_train_step(frozen_bn_def, image_classification(), tx, reducer, mesh)
     state = place_state(init_state(params, rest, tx, reducer, mesh.size), mesh)
     train, _ = load_npz(npz)
-    data = train_batches(train, 32, seed=0, epoch=0)
+    # Each process reads only its own rows of every global batch.
+    data = train_batches(train, 32, seed=0, epoch=0, shard_index=jax.process_index(), shard_count=jax.process_count())
     for i in range(steps):
+        assert len(data[i]["label"]) == 32 // jax.process_count()
         state, _ = step(state, global_batch(data[i], mesh), np.float32(0.1))
     jax.block_until_ready(state)
-    return jax.tree.map(np.asarray, (state.params, state.rest))
+    # Replicated arrays: every process holds a full copy on its addressable devices.
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), (state.params, state.rest))
 
 
 def check_equivalence(model_kind: str, npz: str) -> None:
@@ -66,3 +69,41 @@ def test_eight_devices_equal_one_device(model_kind, cifar_npz):
     code = f"from tests.test_parallel import check_equivalence; check_equivalence({model_kind!r}, {str(cifar_npz)!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def multiprocess_worker(process_id: int, port: int, npz: str, out: str) -> None:
+    import jax
+    import numpy as np
+
+    from pufferfish_jax.distributed import initialize
+
+    assert initialize(f"127.0.0.1:{port}", 2, process_id)
+    params = _train(jax.devices(), "pufferfish", 3, npz)
+    np.savez(out, *jax.tree.leaves(params))
+
+
+def test_two_processes_equal_one_process(tmp_path, cifar_npz):
+    import socket
+
+    import jax
+    import numpy as np
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = []
+    for pid in range(2):
+        code = (f"from tests.test_parallel import multiprocess_worker; "
+                f"multiprocess_worker({pid}, {port}, {str(cifar_npz)!r}, {str(tmp_path / f'p{pid}.npz')!r})")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    reference = jax.tree.leaves(_train(jax.devices()[:1], "pufferfish", 3, str(cifar_npz)))
+    for pid in range(2):
+        with np.load(tmp_path / f"p{pid}.npz") as got:
+            leaves = [got[f"arr_{i}"] for i in range(len(got.files))]
+        assert len(leaves) == len(reference)
+        for a, b in zip(reference, leaves):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
