@@ -38,6 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manual-dir", default=None, help="folder holding cifar-10-binary.tar.gz for offline preparation")
     p.add_argument("--no-download", action="store_true", help="never download the archive")
     p.add_argument("--out-dir", default=None, help="where metrics.jsonl and summary.json go (default runs/cifar-<arch>-r<ranks>-<time>)")
+    g = p.add_argument_group("data parallelism")
+    g.add_argument("--reducer", default="allreduce", help="gradient reducer: allreduce, powersgd or signum")
+    g.add_argument("--powersgd-rank", type=int, default=None, help="PowerSGD rank (default 2 for vanilla, 4 with Pufferfish)")
+    g.add_argument("--signum-momentum", type=float, default=0.9, help="Signum's momentum (applied before the sign)")
+    g.add_argument("--devices", type=int, default=None, help="split this host's CPU into N XLA devices (testing data parallelism)")
+    g.add_argument("--coordinator", default=None, help="host:port of process 0 for a multi-process run")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run (with --coordinator)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index (with --coordinator)")
+    g.add_argument("--multi-host", action="store_true", help="auto-detect the cluster (TPU pod slice, SLURM, Open MPI)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="build both models, print parameters/MACs/gradient bytes, train nothing")
@@ -57,6 +66,28 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if not args.width > 0:
         raise UsageError(f"--width must be positive, got {args.width}")
+    if args.reducer not in ("allreduce", "powersgd", "signum"):
+        raise UsageError(f"unknown reducer {args.reducer!r}; choose one of: allreduce, powersgd, signum")
+    if args.powersgd_rank is not None and args.powersgd_rank < 1:
+        raise UsageError(f"--powersgd-rank must be at least 1, got {args.powersgd_rank}")
+    if args.devices is not None and args.devices < 1:
+        raise UsageError(f"--devices must be at least 1, got {args.devices}")
+    if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+        raise UsageError("--coordinator needs --num-processes and --process-id")
+    if args.num_processes is not None and args.process_id is not None and not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+
+
+def make_reducer(args: argparse.Namespace):
+    """The reducer the flags ask for; PowerSGD's rank defaults as in the official scripts."""
+    from pufferfish_jax.reducers import get_reducer
+
+    if args.reducer == "powersgd":
+        rank = args.powersgd_rank or (4 if args.ranks < 1.0 else 2)
+        return get_reducer("powersgd", rank=rank)
+    if args.reducer == "signum":
+        return get_reducer("signum", momentum=args.signum_momentum)
+    return get_reducer("allreduce")
 
 
 def dry_run(args: argparse.Namespace) -> dict:
@@ -113,7 +144,9 @@ def experiment(args: argparse.Namespace, train, test):
         keep_full_rank=spec.keep_full_rank,
         loss_fn=image_classification(),
         # PyTorch SGD: weight decay added to the gradient, then heavy-ball momentum; lr applied by the step.
-        make_tx=lambda: optax.chain(optax.add_decayed_weights(args.weight_decay), optax.trace(decay=args.momentum)),
+        # Signum's momentum lives in the reducer (before the sign), so the step applies the vote directly.
+        make_tx=lambda: optax.chain(optax.add_decayed_weights(args.weight_decay),
+                                    optax.identity() if args.reducer == "signum" else optax.trace(decay=args.momentum)),
         schedule=multistep(args.lr, args.milestones, 0.1),
         train_data=lambda epoch, i, n: cifar.train_batches(train, args.batch_size, args.seed, epoch, i, n),
         eval_data=lambda i, n: cifar.eval_batches(test, max(args.batch_size, 256) // n * n, i, n),
@@ -132,8 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
         from pufferfish_jax.data import load_cifar10
 
         train, test = load_cifar10(args.data, args.data_dir, args.manual_dir, download=not args.no_download)
+        from pufferfish_jax import distributed
         from pufferfish_jax.parallel import check_batch_divisible, data_mesh
 
+        if args.devices:
+            distributed.set_host_devices(args.devices)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multi_host)
         check_batch_divisible(args.batch_size, data_mesh())
     except (UsageError, DatasetError) as e:
         fail(str(e))
@@ -145,10 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                       rank_ratio=args.ranks, seed=args.seed, out_dir=args.out_dir,
                       progress=not args.no_progress, max_steps_per_epoch=args.max_steps_per_epoch)
+    import jax
+
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    result = fit(experiment(args, train, test), cfg)
+    if jax.process_index() == 0:
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    result = fit(experiment(args, train, test), cfg, reducer=make_reducer(args))
     s = result.summary
     print(f"done: {args.arch} ranks {args.ranks:g}, {s['epochs']} epochs "
           f"({s['warmup_epochs']} warm-up): test accuracy {s.get('test_accuracy', float('nan')):.4f}, "

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pufferfish_jax.accounting import count_params
 from pufferfish_jax.factorize import factorize
 from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch, place_state
-from pufferfish_jax.reducers import Reducer, all_reduce
+from pufferfish_jax.reducers import Reducer, all_reduce, no_communication
 from pufferfish_jax.train.state import TrainState, init_state, split_model
 from pufferfish_jax.train.steps import LossFn, make_eval_step, make_train_step
 
@@ -60,6 +60,7 @@ class TrainConfig:
     out_dir: str | None = None
     progress: bool = True
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks only
+    measure_comm: bool = True  # time compute-only steps once per phase to split step time
 
 
 @dataclasses.dataclass
@@ -97,6 +98,28 @@ def _finish(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def comm_split(phase: "_Phase", state: TrainState, batch, lr, exp: Experiment, tx, mesh, repeats: int = 5) -> dict[str, float]:
+    """Median step time with and without the gradient communication, on one real batch.
+
+    The compute-only step is the same step with :func:`no_communication` as reducer, so the
+    difference is the cost of the collectives that the real reducer adds (not overlapped).
+    Runs on copies: the real state is untouched.
+    """
+    local = make_train_step(phase.train_def, exp.loss_fn, tx, no_communication(), mesh)
+    local_state = state.replace(reducer_state=())
+    times: dict[str, list[float]] = {"step_s": [], "compute_s": []}
+    for _ in range(repeats + 1):  # the first round compiles
+        for key, fn, st in (("step_s", phase.train_step, state), ("compute_s", local, local_state)):
+            copy = jax.tree.map(jnp.copy, st)
+            jax.block_until_ready(copy)
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(copy, batch, lr))
+            times[key].append(time.perf_counter() - t0)
+    out = {k: float(np.median(v[1:])) for k, v in times.items()}
+    out["comm_s"] = max(out["step_s"] - out["compute_s"], 0.0)
+    return out
+
+
 @dataclasses.dataclass
 class _Phase:
     """Compiled steps and their graph definitions for the current model structure."""
@@ -107,6 +130,7 @@ class _Phase:
     train_step: Callable
     eval_step: Callable
     params: int
+    bytes_per_step: int
 
 
 def _compile_phase(name: str, model: nnx.Module, exp: Experiment, tx, reducer: Reducer, mesh) -> tuple[_Phase, nnx.State, nnx.State]:
@@ -116,6 +140,7 @@ def _compile_phase(name: str, model: nnx.Module, exp: Experiment, tx, reducer: R
         make_train_step(train_def, exp.loss_fn, tx, reducer, mesh),
         make_eval_step(eval_def, exp.loss_fn, mesh),
         count_params(model),
+        reducer.bytes_per_step(params),
     )
     return phase, params, rest
 
@@ -160,6 +185,7 @@ def fit(
     del model
 
     transition_s = None
+    timed_phases: set[str] = set()
     shard = (jax.process_index(), jax.process_count())
     run_start = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -186,11 +212,17 @@ def fit(
         bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{phase.name}]", leave=False,
                    disable=not cfg.progress or jax.process_index() != 0, file=sys.stderr)
         sums: dict[str, Any] = {}
+        comm: dict[str, float] = {}
         t0 = time.perf_counter()
         for i, batch in enumerate(data.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))):
             if i >= n_steps:
                 break
-            state, out = phase.train_step(state, global_batch(batch, mesh), lr_arr)
+            batch = global_batch(batch, mesh)
+            if i == 0 and cfg.measure_comm and mesh.size > 1 and phase.name not in timed_phases:
+                timed_phases.add(phase.name)
+                comm = comm_split(phase, state, batch, lr_arr, exp, tx, mesh)
+                t0 = time.perf_counter()
+            state, out = phase.train_step(state, batch, lr_arr)
             sums = out if not sums else jax.tree.map(jnp.add, sums, out)
             bar.update(1)
             if i % 10 == 0 or i == n_steps - 1:
@@ -209,7 +241,8 @@ def fit(
             "epoch": epoch + 1, "phase": phase.name, "lr": lr, "step": int(state.step),
             **{f"train_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in test.items()},
             "epoch_s": epoch_s, "examples_per_s": float(jax.device_get(sums)["count"]) / epoch_s,
-            "params": phase.params,
+            "params": phase.params, "reducer": reducer.name, "devices": mesh.size,
+            "bytes_per_step": phase.bytes_per_step, **comm,
         }
         log.write(record)
         if cfg.progress and jax.process_index() == 0:
