@@ -128,10 +128,11 @@ def powersgd(rank: int = 2, min_compression_rate: float = 1.0, seed: int = 0) ->
         out ← P Qᵀ                     # identical on every worker
         e ← M − P Qᵀ                   # local residual
 
-    ``Q`` starts as a fixed-seed normal matrix, identical on all workers. 1-D leaves (biases,
-    BN) and matrices where ``min_compression_rate · r(n+m) ≥ n·m`` are averaged exactly, in
-    the first all-reduce. ``min_compression_rate=0`` compresses every matrix. The optimizer
-    (momentum, weight decay) is applied to the output by the trainer, as in Algorithm 2.
+    ``Q`` starts as the orthonormalized columns of a fixed-seed normal matrix, identical on all
+    workers. 1-D leaves (biases, BN) and matrices where ``min_compression_rate · r(n+m) ≥ n·m``
+    are averaged exactly, in the first all-reduce. ``min_compression_rate=0`` compresses every
+    matrix. The optimizer (momentum, weight decay) is applied to the output by the trainer, as
+    in Algorithm 2.
 
     ``bytes_per_step``: what one worker sends, ``itemsize · (Σ r(n+m) + Σ size of the rest)``.
     """
@@ -153,7 +154,11 @@ def powersgd(rank: int = 2, min_compression_rate: float = 1.0, seed: int = 0) ->
                 error.append(None)
             else:
                 m = x.shape[-1]
-                query.append(jax.random.normal(jax.random.fold_in(key, i), (m, r), x.dtype))  # same on every worker
+                # Orthonormalized, so that P = M Q is as well conditioned as M: only its span
+                # matters, and a raw Gaussian Q (condition number ~10² at full rank) would cost
+                # fp32 digits in the QR. Same seed, so the same Q on every worker.
+                gaussian = jax.random.normal(jax.random.fold_in(key, i), (m, r), jnp.float32)
+                query.append(jnp.linalg.qr(gaussian)[0].astype(x.dtype))
                 error.append(jnp.zeros(x.shape, x.dtype))
         return PowerSGDState(tuple(query), tuple(error))
 
@@ -200,7 +205,7 @@ class SignumState(NamedTuple):
 
 def signum(momentum: float = 0.9) -> Reducer:
     """Signum with majority vote (Bernstein, Wang, Azizzadenesheli & Anandkumar, "signSGD:
-    Compressed Optimisation for Non-Convex Problems", ICML 2018, Alg. 3; "signSGD with Majority
+    Compressed Optimisation for Non-Convex Problems", ICML 2018; "signSGD with Majority
     Vote is Communication Efficient and Fault Tolerant", ICLR 2019, Alg. 1), the 1-bit baseline
     of the Pufferfish paper (Wang et al., MLSys 2021, §5)::
 
@@ -213,7 +218,8 @@ def signum(momentum: float = 0.9) -> Reducer:
 
     The output is the vote (entries ±1 or 0), not a gradient: the trainer's optimizer should be
     plain SGD on it (no momentum — it is already here — and ideally no weight decay, which
-    Signum adds to ``g`` before the sign); the trainer is unchanged, so choose ``tx`` accordingly.
+    Bernstein et al.'s code adds to ``g`` before the momentum); the trainer is unchanged, so
+    choose ``tx`` accordingly.
 
     ``bytes_per_step``: one bit per entry, ``Σ ceil(size / 8)`` over the leaves. (The simulated
     collective itself sums the signs in the gradient dtype; the count is the ideal payload.)
@@ -248,3 +254,9 @@ def get_reducer(name: str, **kwargs: Any) -> Reducer:
     if name not in REDUCERS:
         raise ValueError(f"unknown reducer {name!r}; choose one of {sorted(REDUCERS)}")
     return REDUCERS[name](**kwargs)
+
+
+def no_communication() -> Reducer:
+    """Each worker keeps its own gradient: not a training method, but the step it gives is the
+    compute-only baseline the trainer times to split a step into compute and communication."""
+    return Reducer("none", lambda params: (), lambda grads, state, axis_name: (grads, state), lambda params: 0)
