@@ -35,6 +35,9 @@ def _eqn_macs(eqn: jax.extend.core.JaxprEqn) -> int:
         lhs = eqn.invars[0].aval
         return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in contract)
     # Recurse into jit/scan/cond/custom-vjp bodies so nested layers are counted too.
+    if name == "cond":
+        # One branch runs: count the costliest (summing them would count layers never executed).
+        return max((_jaxpr_macs(branch.jaxpr) for branch in eqn.params["branches"]), default=0)
     total = 0
     for param in eqn.params.values():
         for inner in param if isinstance(param, (tuple, list)) else (param,):
@@ -42,6 +45,9 @@ def _eqn_macs(eqn: jax.extend.core.JaxprEqn) -> int:
                 total += _jaxpr_macs(inner.jaxpr)
             elif isinstance(inner, jax.extend.core.Jaxpr):
                 total += _jaxpr_macs(inner)
+    if name == "scan":
+        # The body runs once per step (an ``nnx.RNN``/``nnx.scan`` over T steps costs T cells).
+        total *= eqn.params["length"]
     return total
 
 
@@ -52,6 +58,8 @@ def _jaxpr_macs(jaxpr) -> int:
 def count_macs(model: nnx.Module, input_shape: tuple[int, ...], dtype=jnp.float32) -> int:
     """Multiply–accumulates of one forward pass in eval mode, summed over every convolution and
     matrix product (what the official ``ptflops`` counter reports for conv/linear layers).
+    A ``scan`` body (e.g. an RNN over time) counts once per step, a ``cond`` its costliest
+    branch; a ``while_loop`` body, whose trip count is unknown when tracing, counts once.
 
     ``input_shape`` includes the batch dimension; divide by it for a per-example figure.
     Traced abstractly, so it costs no FLOPs.

@@ -63,6 +63,9 @@ def _bad(main, argv, capsys, tmp_path):
         (["--epochs", "5", "--warmup-epochs", "6"], "--warmup-epochs"),
         (["--data", "/nonexistent/cifar.npz"], "does not exist"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--reducer", "carrier-pigeon"], "unknown reducer"),
+        (["--reducer", "powersgd", "--powersgd-rank", "0"], "--powersgd-rank"),
+        (["--coordinator", "127.0.0.1:1234"], "--num-processes"),
     ],
 )
 def test_bad_input_is_one_sentence_exit_2(argv, message, capsys, tmp_path):
@@ -96,3 +99,25 @@ def test_help_documents_flags():
     assert proc.returncode == 0
     for flag in ("--ranks", "--warmup-epochs", "--width", "--data", "--dry-run", "--out-dir", "--seed"):
         assert flag in proc.stdout
+
+
+def test_two_devices_powersgd_reports_communication(tmp_path, cifar_npz):
+    out = tmp_path / "run"
+    proc = run_module("experiments.cifar", "--data", str(cifar_npz), *TINY, "--epochs", "2", "--warmup-epochs", "1",
+                      "--max-steps-per-epoch", "3", "--devices", "2", "--reducer", "powersgd", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"phase"' in l]
+    assert all(r["devices"] == 2 and r["reducer"] == "powersgd" for r in epochs)
+    # Pufferfish shrinks what PowerSGD still sends; the split into compute and communication is reported.
+    assert epochs[1]["bytes_per_step"] < epochs[0]["bytes_per_step"]
+    # Timings, not ordering: on a loaded host the two medians can land either way.
+    assert all(r["step_s"] > 0 and r["compute_s"] > 0 and r["comm_s"] >= 0 for r in epochs)
+
+
+def test_batch_not_divisible_by_devices(tmp_path, cifar_npz):
+    out = tmp_path / "run"
+    proc = run_module("experiments.cifar", "--data", str(cifar_npz), *TINY, "--batch-size", "30", "--devices", "4",
+                      "--out-dir", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: batch size 30 is not divisible by the 4 devices"
+    assert not out.exists()
