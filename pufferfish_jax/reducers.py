@@ -33,14 +33,27 @@ def tree_bytes(tree: PyTree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def all_reduce() -> Reducer:
-    """Exact mean of the gradients across workers: one all-reduce of the whole gradient tree
-    (the Pufferfish payload is simply this tree, made small by the factorization)."""
+def all_reduce(flat: bool = False) -> Reducer:
+    """Exact mean of the gradients across workers (the Pufferfish payload is simply this tree,
+    made small by the factorization).
+
+    ``flat=False`` issues one ``pmean`` over the tree (XLA may still combine the per-tensor
+    all-reduces); ``flat=True`` concatenates every gradient into one buffer first and splits it
+    after, as the official code does. Both send the same bytes; see the README for which is faster.
+    """
 
     def reduce(grads: PyTree, state: PyTree, axis_name: str) -> tuple[PyTree, PyTree]:
-        return jax.lax.pmean(grads, axis_name), state
+        if not flat:
+            return jax.lax.pmean(grads, axis_name), state
+        leaves, treedef = jax.tree.flatten(grads)
+        buffer = jax.lax.pmean(jnp.concatenate([g.reshape(-1).astype(jnp.float32) for g in leaves]), axis_name)
+        out, offset = [], 0
+        for g in leaves:
+            out.append(buffer[offset:offset + g.size].reshape(g.shape).astype(g.dtype))
+            offset += g.size
+        return jax.tree.unflatten(treedef, out), state
 
-    return Reducer("allreduce", lambda params: (), reduce, tree_bytes)
+    return Reducer("allreduce-flat" if flat else "allreduce", lambda params: (), reduce, tree_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +258,12 @@ def signum(momentum: float = 0.9) -> Reducer:
 # Registry
 # --------------------------------------------------------------------------------------------
 
-REDUCERS: dict[str, Callable[..., Reducer]] = {"allreduce": all_reduce, "powersgd": powersgd, "signum": signum}
+REDUCERS: dict[str, Callable[..., Reducer]] = {
+    "allreduce": all_reduce,
+    "allreduce-flat": lambda: all_reduce(flat=True),
+    "powersgd": powersgd,
+    "signum": signum,
+}
 
 
 def get_reducer(name: str, **kwargs: Any) -> Reducer:

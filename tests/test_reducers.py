@@ -330,3 +330,22 @@ def test_reducers_inside_shard_map_on_four_devices():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "shard_map reducers OK" in proc.stdout
+
+
+def test_flat_all_reduce_equals_tree_all_reduce():
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pufferfish_jax.reducers import all_reduce
+
+    grads = {"w": jnp.arange(24.0).reshape(3, 2, 4), "b": jnp.arange(5.0)}
+    stacked = jax.tree.map(lambda g: jnp.stack([g, 2 * g, -g]), grads)  # 3 simulated workers
+    run = lambda r: jax.vmap(functools.partial(r.reduce, state=(), axis_name="w"), axis_name="w")(stacked)[0]
+    tree, flat = run(all_reduce()), run(all_reduce(flat=True))
+    for k in grads:
+        np.testing.assert_allclose(flat[k], tree[k], rtol=1e-6)
+        np.testing.assert_allclose(tree[k][0], (2 / 3) * grads[k], rtol=1e-6)
+    assert all_reduce(flat=True).bytes_per_step(grads) == 4 * 29
