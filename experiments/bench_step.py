@@ -16,36 +16,44 @@ Medians are reported; ``speedup`` is vanilla / Pufferfish. ``transition_s`` is t
 wall time of ``factorize(..., init="svd")`` on freshly built models with trained shapes,
 after the SVD program was compiled once (what the trainer pays at the switch).
 
-``--profile`` adds a breakdown of where a step spends its time, two ways:
+``--profile`` breaks the step down by timing its pieces alone, interleaved with the full
+step like the main timing (``--profile-steps`` rounds):
 
-1. *Sub-pieces, timed.* Forward+backward of the model alone (``jax.value_and_grad`` of
-   the same loss, jitted) and the optimizer update alone (``tx.update`` plus the parameter
-   update, jitted, donated), interleaved with the full step like the main timing. Robust
-   (no profiler), but it cannot split convolutions from BN/elementwise work.
-2. *Per-op, traced.* A ``jax.profiler`` trace of a few steps: XLA:CPU records one event
-   per executed thunk, named after its HLO instruction. Each instruction of the compiled
-   step (``lower(...).compile().as_text()``) is given a category: ``conv/dot`` (a
-   convolution or dot, or a fusion/custom call — e.g. a YNNPACK fusion — that contains
-   one), ``optimizer`` (instructions whose HLO metadata points at optax or at the
-   parameter update), ``copy/transpose``, and ``bn/elementwise`` (everything else:
-   BN statistics, ReLU, residual adds, loss). Events run concurrently on the CPU threads,
-   so wall time is attributed with a sweep line: each instant is split equally among the
-   categories running then; the union is the busy time, and ``idle/dispatch`` is the
-   wall time of the traced steps minus it (Python dispatch, waiting). FLOP counts (``cost_analysis``) are not used for the
-   split: XLA:CPU reports one total, not per op, and FLOPs say nothing about the
-   memory-bound BN/elementwise time that matters here.
+* ``fwd+bwd``: ``jax.value_and_grad`` of the same loss, jitted (no optimizer, no reducer);
+* ``conv/dot``: the step's own convolutions and matrix products and nothing else. Every
+  ``conv_general_dilated`` and ``dot_general`` equation of the step's jaxpr (forward and
+  backward, found through jit/shard_map nesting) is bound again with its shapes and
+  parameters on fresh random inputs, all in one jitted call;
+* ``optimizer``: ``tx.update`` plus the parameter update, jitted and donated;
+* ``BN/elementwise/rest`` = step − conv/dot − optimizer: BN statistics and normalization,
+  ReLU, residual adds, loss, layout copies, dispatch.
 
-From the traced split the *Amdahl bound* follows: if only the ``conv/dot`` time shrank by
-the model's MAC ratio (2.56× for ResNet-18 at ranks 0.25) and everything else stayed,
-the step speedup would be at most ``1 / ((1 - f) + f / mac_ratio)`` with ``f`` the
-``conv/dot`` share of the (traced) vanilla step. The trace also shows how much the
-``conv/dot`` time itself shrank, which is usually less than the MAC ratio (a rank-``r``
-3×3 conv followed by a 1×1 conv is two thin ops instead of one wide one).
+This is robust where the alternatives are not: XLA:CPU's ``cost_analysis`` gives one FLOP
+total per program (no per-op split, and FLOPs say nothing about memory-bound BN time), and
+a ``jax.profiler`` trace names each thunk but Eigen convolutions run asynchronously on the
+intra-op pool, so their trace events cover the launch, not the work (tried: at full width
+the trace put under 2% of the step in convolutions). Replayed in isolation, convolutions
+get the whole machine as in the step; with the project's XLA flags each convolution is
+its own op in the compiled step too (not fused with BN or ReLU), so the split is fair.
+
+From the split follows the *Amdahl bound*: if only the ``conv/dot`` time shrank by the
+model's MAC ratio (2.57× for ResNet-18 at ranks 0.25) and everything else stayed, the step
+speedup would be at most ``1 / ((1 - f) + f / mac_ratio)`` with ``f`` the ``conv/dot``
+share of the vanilla step. The measured ``conv/dot`` speedup is printed beside it; it is
+usually below the MAC ratio (a rank-``r`` 3×3 conv plus a 1×1 conv is two thin ops).
 
 A table goes to stdout, then as the last line one JSON object (``vanilla_ms``,
 ``pufferfish_ms``, ``speedup``, ``transition_s``, ``xla_flags``, ``jax_version``, ``width``,
-``batch_size``, ``arch``, …). Compare XLA configurations in separate processes, e.g.
-``PUFFERFISH_NO_XLA_FLAGS=1 XLA_FLAGS=... python -m experiments.bench_step``.
+``batch_size``, ``arch``, …).
+
+``--compare NAME=XLA_FLAGS ...`` compares XLA configurations. XLA reads its flags once per
+process, so each configuration gets a worker process (``PUFFERFISH_NO_XLA_FLAGS=1`` and
+exactly the given ``XLA_FLAGS``; ``NAME=@project`` keeps the project's own choice from
+:mod:`pufferfish_jax.runtime`). The parent lets one worker compute at a time and
+interleaves their steps (config A vanilla, A Pufferfish, B vanilla, …, order reversed
+every round), so load from other processes hits every configuration alike; besides the
+medians it reports the median of the *paired* per-round ratios to the first
+configuration. Separate runs one after the other are not comparable on a shared machine.
 """
 
 from __future__ import annotations
@@ -53,10 +61,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +72,7 @@ if __package__ in (None, "") and str(REPO) not in sys.path:
 
 import pufferfish_jax  # noqa: E402,F401  (sets XLA flags before jax initializes)
 
-CATEGORIES = ("conv/dot", "bn/elementwise", "copy/transpose", "optimizer")
+MAC_PRIMITIVES = ("conv_general_dilated", "dot_general")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,16 +82,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0 = 64..512 channels)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model, interleaved (default 20)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model after compilation (default 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model after the first (compiling) call (default 2)")
     p.add_argument("--ranks", type=float, default=0.25, help="rank ratio of the Pufferfish model (default 0.25)")
     p.add_argument("--transition-models", type=int, default=3,
                    help="models factorized to time the switch, median reported; 0 skips it (default 3)")
     p.add_argument("--profile", action="store_true",
-                   help="also break the step down: fwd+bwd vs optimizer (timed), conv vs BN/elementwise (traced), Amdahl bound")
-    p.add_argument("--profile-steps", type=int, default=3, help="steps per model inside the profiler trace (default 3)")
+                   help="also time the step's pieces alone (fwd+bwd, conv/dot, optimizer) and print the Amdahl bound")
+    p.add_argument("--profile-steps", type=int, default=3, help="interleaved rounds of the --profile timing (default 3)")
     p.add_argument("--data", default=None,
                    help="path of the .npz (default $PUFFERFISH_DATA/cifar10_subset.npz, else ../shared/data/cifar10_subset.npz)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", nargs="+", metavar="NAME=XLA_FLAGS", default=None,
+                   help="compare XLA configurations: one worker process per NAME=XLA_FLAGS (exactly those flags; "
+                        "NAME=@project for the project's own choice), steps interleaved across processes")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
@@ -160,10 +170,8 @@ class Runner:
         self.batch, self.lr = batch, jnp.asarray(lr, jnp.float32)
         self.loss_fn, self.tx = exp.loss_fn, tx
         jax.block_until_ready(self.state)
-        t0 = time.perf_counter()
-        self.compiled = self.step.lower(self.state, self.batch, self.lr).compile()
-        self.compile_s = time.perf_counter() - t0
         self.last_loss = float("nan")
+        self.compile_s = self.run()  # the first call compiles (and runs one step)
 
     def run(self) -> float:
         """One step, waited for; returns its wall time in seconds."""
@@ -218,193 +226,42 @@ class Runner:
 
         return run_fwd_bwd, run_opt
 
+    def mac_replay(self):
+        """The step's own convolutions and matrix products, alone: every ``conv_general_dilated``
+        and ``dot_general`` of the step's jaxpr (forward *and* backward), bound again with the
+        same shapes and parameters to fresh random inputs, all in one jitted call."""
+        import jax
 
-# -- HLO instruction → category ---------------------------------------------------------
+        eqns = mac_eqns(jax.make_jaxpr(self.step)(self.state, self.batch, self.lr).jaxpr)
+        key = jax.random.key(0)
+        inputs = []
+        for i, eqn in enumerate(eqns):  # distinct inputs per op, so XLA cannot merge equal ops
+            keys = jax.random.split(jax.random.fold_in(key, i), len(eqn.invars))
+            inputs.append([jax.random.normal(k, v.aval.shape, v.aval.dtype) for k, v in zip(keys, eqn.invars)])
+        jax.block_until_ready(inputs)
+        replay = jax.jit(lambda xs: [e.primitive.bind(*x, **e.params) for e, x in zip(eqns, xs)])
 
-_COMP_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_SOURCE = re.compile(r'source_file="([^"]*)"(?:\s+source_line=(\d+))?')
-_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
-_TABLE_ROW = re.compile(r"^(\d+)\s+(.*)$")
+        def run_macs() -> float:
+            t0 = time.perf_counter()
+            jax.block_until_ready(replay(inputs))
+            return time.perf_counter() - t0
 
-
-def _split_shape(rest: str) -> str:
-    """``rest`` of ``name = <shape> opcode(...)``, with the shape (maybe a tuple) removed."""
-    rest = rest.lstrip()
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rest[i + 1:].lstrip()
-        return ""
-    return rest.split(" ", 1)[1] if " " in rest else ""
+        return run_macs, len(eqns)
 
 
-def _stack_tables(text: str):
-    """``frame id -> [(file, line), ...]`` (innermost first) from the module's stack-frame tables."""
-    tables: dict[str, dict[int, str]] = {}
-    section = None
-    for line in text.splitlines():
-        if line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-            section = line.strip()
-            tables[section] = {}
-            continue
-        row = _TABLE_ROW.match(line) if section else None
-        if row:
-            tables[section][int(row.group(1))] = row.group(2)
-        elif section and line.strip() == "":
-            section = None
-    files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
-    locs = {}
-    for k, v in tables.get("FileLocations", {}).items():
-        f, ln = re.search(r"file_name_id=(\d+)", v), re.search(r"\bline=(\d+)", v)
-        locs[k] = (files.get(int(f.group(1)), "") if f else "", int(ln.group(1)) if ln else 0)
-    frames = {}
-    for k, v in tables.get("StackFrames", {}).items():
-        loc, parent = re.search(r"file_location_id=(\d+)", v), re.search(r"parent_frame_id=(\d+)", v)
-        frames[k] = (int(loc.group(1)) if loc else 0, int(parent.group(1)) if parent else 0)
-
-    def chain(frame_id: int) -> list[tuple[str, int]]:
-        out, seen = [], set()
-        while frame_id in frames and frame_id not in seen:
-            seen.add(frame_id)
-            loc, parent = frames[frame_id]
-            out.append(locs.get(loc, ("", 0)))
-            frame_id = parent
-        return out
-
-    return chain
-
-
-def parse_hlo(text: str) -> dict[str, dict]:
-    """Instruction name → {opcode, calls, op_name, sources, computation} for every instruction.
-
-    ``sources`` is the Python call stack of the instruction's metadata, ``[(file, line), ...]``.
-    """
-    chain = _stack_tables(text)
-    instrs: dict[str, dict] = {}
-    comp = None
-    for line in text.splitlines():
-        header = _COMP_HEADER.match(line)
-        if header and "=" not in line.split("(", 1)[0]:
-            comp = header.group(1)
-            continue
-        m = _INSTR.match(line)
-        if not m or comp is None:
-            continue
-        name, rest = m.groups()
-        body = _split_shape(rest)
-        opcode = re.match(r"([\w\-]+)\(", body)
-        if not opcode:
-            continue
-        calls = _CALLS.findall(body)
-        for group in _BRANCHES.findall(body):
-            calls += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-        op_name, source, frame = _OP_NAME.search(body), _SOURCE.search(body), _FRAME_ID.search(body)
-        sources = chain(int(frame.group(1))) if frame else []
-        if source:
-            sources.insert(0, (source.group(1), int(source.group(2) or 0)))
-        instrs[name] = {"opcode": opcode.group(1), "calls": calls, "computation": comp,
-                        "op_name": op_name.group(1) if op_name else "", "sources": sources}
-    return instrs
-
-
-def _update_lines() -> set[int]:
-    """Lines of ``train/steps.py`` that apply the optimizer (``tx.update`` and the parameter update)."""
-    import inspect
-
-    from pufferfish_jax.train import steps
-
-    lines = inspect.getsource(steps).splitlines()
-    return {i + 1 for i, ln in enumerate(lines) if "tx.update(" in ln or "(lr * u)" in ln}
-
-
-def categorize(instrs: dict[str, dict]) -> dict[str, str]:
-    """Instruction name → one of :data:`CATEGORIES`."""
-    by_comp: dict[str, list[dict]] = {}
-    for ins in instrs.values():
-        by_comp.setdefault(ins["computation"], []).append(ins)
-    memo: dict[str, bool] = {}
-    update_lines = _update_lines()
-
-    def comp_has_mac(comp: str, seen=()) -> bool:
-        if comp in memo:
-            return memo[comp]
-        if comp in seen:
-            return False
-        found = any(i["opcode"] in ("convolution", "dot") or
-                    any(comp_has_mac(c, seen + (comp,)) for c in i["calls"]) for i in by_comp.get(comp, []))
-        memo[comp] = found
-        return found
-
-    def is_optimizer(ins: dict) -> bool:
-        for file, line in ins["sources"]:
-            if "/optax/" in file and "/optax/losses/" not in file:
-                return True
-            if file.endswith("train/steps.py") and line in update_lines:
-                return True
-        return False
-
-    out = {}
-    for name, ins in instrs.items():
-        op = ins["opcode"]
-        if op in ("convolution", "dot") or any(comp_has_mac(c) for c in ins["calls"]):
-            out[name] = "conv/dot"
-        elif is_optimizer(ins):
-            out[name] = "optimizer"
-        elif op in ("copy", "transpose") or "transpose" in name or "copy" in name:
-            out[name] = "copy/transpose"
-        else:
-            out[name] = "bn/elementwise"
-    return out
-
-
-def trace_breakdown(runner: Runner, steps: int) -> tuple[dict[str, float], float]:
-    """Milliseconds per step in each category (sweep-line wall attribution over a profiler
-    trace), and the median wall time of the traced steps."""
-    import jax
-
-    names = categorize(parse_hlo(runner.compiled.as_text()))
-    with tempfile.TemporaryDirectory() as log_dir:
-        with jax.profiler.trace(log_dir):
-            walls = [runner.run() for _ in range(steps)]
-        files = list(Path(log_dir).rglob("*.xplane.pb"))
-        if not files:
-            raise RuntimeError("the profiler wrote no .xplane.pb")
-        data = jax.profiler.ProfileData.from_file(str(files[0]))
-        intervals = []  # (start_ns, end_ns, category)
-        for plane in data.planes:
-            for line in plane.lines:
-                if line.name == "python":
-                    continue
-                for ev in line.events:
-                    cat = names.get(ev.name)
-                    if cat is not None and ev.duration_ns > 0:
-                        intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns, cat))
-    if not intervals:
-        raise RuntimeError("no XLA op events in the trace (op names did not match the compiled HLO)")
-    points = sorted({t for s, e, _ in intervals for t in (s, e)})
-    index = {t: i for i, t in enumerate(points)}
-    # count of active intervals per category between consecutive points (difference arrays)
-    delta = {c: [0] * (len(points) + 1) for c in CATEGORIES}
-    for s, e, c in intervals:
-        delta[c][index[s]] += 1
-        delta[c][index[e]] -= 1
-    totals = dict.fromkeys(CATEGORIES, 0.0)
-    running = dict.fromkeys(CATEGORIES, 0)
-    for i in range(len(points) - 1):
-        for c in CATEGORIES:
-            running[c] += delta[c][i]
-        active = [c for c in CATEGORIES if running[c] > 0]
-        span = points[i + 1] - points[i]
-        for c in active:
-            totals[c] += span / len(active)
-    return {c: totals[c] / steps / 1e6 for c in CATEGORIES}, 1e3 * _median(walls)
+def mac_eqns(jaxpr) -> list:
+    """Every conv/dot equation of ``jaxpr``, including those in nested jaxprs (jit, shard_map,
+    custom derivatives). Loops would need their trip counts; the CIFAR models have none."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in MAC_PRIMITIVES:
+            found.append(eqn)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += mac_eqns(inner)
+    return found
 
 
 def amdahl(fraction: float, factor: float) -> float:
@@ -412,62 +269,93 @@ def amdahl(fraction: float, factor: float) -> float:
     return 1.0 / ((1.0 - fraction) + fraction / factor)
 
 
+class Setup:
+    """The experiment, both compiled steps (warmed up), and what building them measured."""
+
+    def __init__(self, args: argparse.Namespace):
+        import jax
+        from flax import nnx
+
+        from experiments import cifar
+        from pufferfish_jax import count_macs, factorize
+        from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch
+        from pufferfish_jax.reducers import all_reduce
+
+        cargs = cifar.parse_args(["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
+                                  "--ranks", str(args.ranks), "--seed", str(args.seed)])
+        cifar.validate(cargs)
+        exp = cifar.experiment(cargs, None, None)  # same model, loss and tx as training; data unused
+        tx, reducer, mesh = exp.make_tx(), all_reduce(), data_mesh()
+        check_batch_divisible(args.batch_size, mesh)
+        batch = global_batch(real_batch(data_path(args), args.batch_size, args.seed), mesh)
+        lr = exp.schedule(0)
+
+        vanilla = exp.build_model(nnx.Rngs(args.seed))
+        jax.block_until_ready(nnx.state(vanilla))
+        macs_v = count_macs(vanilla, (1, 32, 32, 3))
+        puffer = exp.build_model(nnx.Rngs(args.seed))
+        jax.block_until_ready(nnx.state(puffer))
+        t0 = time.perf_counter()
+        if args.transition_models:  # the switch itself: compiles its SVD program, timed below once compiled
+            layers = factorize(puffer, args.ranks, exp.keep_full_rank)
+        else:  # step timing does not depend on the weights' values; skip the SVD compilation
+            layers = factorize(puffer, args.ranks, exp.keep_full_rank, init="random", rngs=nnx.Rngs(args.seed + 1))
+        jax.block_until_ready(nnx.state(puffer))
+        first_transition_s = time.perf_counter() - t0 if args.transition_models else None
+        macs_p = count_macs(puffer, (1, 32, 32, 3))
+        runners = [Runner("vanilla", vanilla, exp, tx, reducer, mesh, batch, lr),
+                   Runner("pufferfish", puffer, exp, tx, reducer, mesh, batch, lr)]
+        del vanilla, puffer
+        print(f"first call (compile + 1 step): vanilla {runners[0].compile_s:.1f}s, pufferfish {runners[1].compile_s:.1f}s "
+              f"({len(layers)} layers factorized)", file=sys.stderr)
+        for _ in range(args.warmup):
+            for r in runners:
+                r.run()
+        self.exp, self.runners, self.layers = exp, runners, layers
+        self.first_transition_s, self.macs = first_transition_s, {"vanilla": macs_v, "pufferfish": macs_p}
+
+    def check_finite(self) -> None:
+        for r in self.runners:
+            if r.last_loss != r.last_loss or abs(r.last_loss) == float("inf"):
+                raise FloatingPointError(f"{r.name}: non-finite loss in the benchmark")
+
+    def time_transition(self, args: argparse.Namespace) -> list[float]:
+        """Seconds of ``factorize(..., init="svd")`` on fresh models (the SVD program is compiled already)."""
+        import jax
+        from flax import nnx
+
+        from pufferfish_jax import factorize
+
+        out = []
+        for i in range(args.transition_models):
+            model = self.exp.build_model(nnx.Rngs(args.seed + 1 + i))
+            jax.block_until_ready(nnx.state(model))
+            t0 = time.perf_counter()
+            factorize(model, args.ranks, self.exp.keep_full_rank)
+            jax.block_until_ready(nnx.state(model))
+            out.append(time.perf_counter() - t0)
+            del model
+        return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
+    if args.worker:
+        return worker(args)
     import jax
-    from flax import nnx
-
-    from experiments import cifar
-    from pufferfish_jax import count_macs, factorize
-    from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch
-    from pufferfish_jax.reducers import all_reduce
 
     load_start = os.getloadavg()[0]
-    cargs = cifar.parse_args(["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
-                              "--ranks", str(args.ranks), "--seed", str(args.seed)])
-    cifar.validate(cargs)
-    exp = cifar.experiment(cargs, None, None)  # same model, loss and tx as training; data unused
-    tx, reducer, mesh = exp.make_tx(), all_reduce(), data_mesh()
-    check_batch_divisible(args.batch_size, mesh)
-    batch = global_batch(real_batch(data_path(args), args.batch_size, args.seed), mesh)
-    lr = exp.schedule(0)
-
-    vanilla = exp.build_model(nnx.Rngs(args.seed))
-    jax.block_until_ready(nnx.state(vanilla))
-    macs_v = count_macs(vanilla, (1, 32, 32, 3))
-    puffer = exp.build_model(nnx.Rngs(args.seed))
-    jax.block_until_ready(nnx.state(puffer))
-    t0 = time.perf_counter()
-    layers = factorize(puffer, args.ranks, exp.keep_full_rank)  # compiles the switch's SVD program
-    jax.block_until_ready(nnx.state(puffer))
-    first_transition_s = time.perf_counter() - t0
-    macs_p = count_macs(puffer, (1, 32, 32, 3))
-    runners = [Runner("vanilla", vanilla, exp, tx, reducer, mesh, batch, lr),
-               Runner("pufferfish", puffer, exp, tx, reducer, mesh, batch, lr)]
-    del vanilla, puffer
-    print(f"compiled: vanilla {runners[0].compile_s:.1f}s, pufferfish {runners[1].compile_s:.1f}s "
-          f"({len(layers)} layers factorized)", file=sys.stderr)
-
-    for _ in range(args.warmup + 1):  # the first run also allocates and warms caches
-        for r in runners:
-            r.run()
+    setup = Setup(args)
+    runners, macs_v, macs_p = setup.runners, setup.macs["vanilla"], setup.macs["pufferfish"]
+    first_transition_s = setup.first_transition_s
     times = {r.name: [] for r in runners}
     for _ in range(args.steps):
         for r in runners:
             times[r.name].append(r.run())
-    for r in runners:
-        if r.last_loss != r.last_loss or abs(r.last_loss) == float("inf"):
-            raise FloatingPointError(f"{r.name}: non-finite loss in the benchmark")
-
-    transitions = []
-    for i in range(args.transition_models):
-        model = exp.build_model(nnx.Rngs(args.seed + 1 + i))
-        jax.block_until_ready(nnx.state(model))
-        t0 = time.perf_counter()
-        factorize(model, args.ranks, exp.keep_full_rank)
-        jax.block_until_ready(nnx.state(model))
-        transitions.append(time.perf_counter() - t0)
-        del model
+    setup.check_finite()
+    transitions = setup.time_transition(args)
 
     v_ms, p_ms = (1e3 * _median(times[r.name]) for r in runners)
     result = {
@@ -477,8 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vanilla_iqr_ms": [round(1e3 * q, 2) for q in _quartiles(times["vanilla"])],
         "pufferfish_iqr_ms": [round(1e3 * q, 2) for q in _quartiles(times["pufferfish"])],
         "transition_s": round(_median(transitions), 4) if transitions else None,
-        "transition_first_s": round(first_transition_s, 4),
-        "compile_s": {r.name: round(r.compile_s, 2) for r in runners},
+        "transition_first_s": round(first_transition_s, 4) if first_transition_s is not None else None,
+        "first_call_s": {r.name: round(r.compile_s, 2) for r in runners},  # compile + one step
         "params": {r.name: r.params_count for r in runners},
         "macs_per_example": {"vanilla": macs_v, "pufferfish": macs_p},
         "mac_ratio": round(macs_v / macs_p, 4),
@@ -495,8 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
         med, (q1, q3) = _median(times[r.name]), _quartiles(times[r.name])
         print(f"{r.name:14s}{1e3 * med:>11.1f}{1e3 * q1:>9.1f}{1e3 * q3:>9.1f}{args.batch_size / med:>8.0f}"
               f"{r.params_count:>12,d}{result['macs_per_example'][r.name]:>14,d}")
-    print(f"speedup (vanilla/pufferfish) {result['speedup']:.3f}x   MAC ratio {result['mac_ratio']:.2f}x   "
-          f"transition {result['transition_s']}s (first, compiling: {first_transition_s:.2f}s)")
+    transition = (f"transition {result['transition_s']}s (first, compiling: {first_transition_s:.2f}s)"
+                  if transitions else "transition not timed")
+    print(f"speedup (vanilla/pufferfish) {result['speedup']:.3f}x   MAC ratio {result['mac_ratio']:.2f}x   {transition}")
 
     if args.profile:
         result["profile"] = profile(args, runners, result)
@@ -506,52 +395,153 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def profile(args: argparse.Namespace, runners: list[Runner], result: dict) -> dict:
-    """Sub-piece timings and the traced per-category split; prints them and the Amdahl bound."""
+    """Times the step's pieces interleaved; prints the breakdown and the Amdahl bound."""
     out: dict = {}
-    pieces = {r.name: r.pieces() for r in runners}
-    for name, (fb, op) in pieces.items():  # compile and warm
-        fb(), op(), fb(), op()
-    t = {(r.name, k): [] for r in runners for k in ("step", "fwd_bwd", "opt")}
-    for _ in range(max(3, args.steps // 2)):
-        for r in runners:
-            fb, op = pieces[r.name]
-            t[(r.name, "step")].append(r.run())
-            t[(r.name, "fwd_bwd")].append(fb())
-            t[(r.name, "opt")].append(op())
-    print("\nprofile 1: sub-pieces, timed separately (median ms)")
-    print(f"{'':14s}{'step':>9s}{'fwd+bwd':>9s}{'optimizer':>11s}{'other':>9s}")
+    pieces = {}
     for r in runners:
-        med = {k: 1e3 * _median(t[(r.name, k)]) for k in ("step", "fwd_bwd", "opt")}
-        med["other"] = med["step"] - med["fwd_bwd"] - med["opt"]
-        out[f"{r.name}_pieces_ms"] = {k: round(v, 2) for k, v in med.items()}
-        print(f"{r.name:14s}{med['step']:>9.1f}{med['fwd_bwd']:>9.1f}{med['opt']:>11.1f}{med['other']:>9.1f}")
-
-    mac_ratio = result["mac_ratio"]
-    try:
-        print("\nprofile 2: per-op trace, ms per step by category (sweep-line wall attribution)")
-        print(f"{'':14s}" + "".join(f"{c:>16s}" for c in CATEGORIES) + f"{'idle/dispatch':>15s}{'step':>9s}")
-        split = {}
+        fwd_bwd, opt = r.pieces()
+        macs, n_ops = r.mac_replay()
+        pieces[r.name] = {"fwd_bwd": fwd_bwd, "opt": opt, "conv_dot": macs}
+        out[f"{r.name}_conv_dot_ops"] = n_ops
+        for fn in pieces[r.name].values():  # compile and warm
+            fn(), fn()
+    keys = ("step", "fwd_bwd", "conv_dot", "opt")
+    t = {(r.name, k): [] for r in runners for k in keys}
+    for _ in range(args.profile_steps):
         for r in runners:
-            cats, step_ms = trace_breakdown(r, args.profile_steps)
-            cats["idle/dispatch"] = max(0.0, step_ms - sum(cats.values()))
-            cats["step"] = step_ms
-            split[r.name] = cats
-            out[f"{r.name}_trace_ms"] = {k: round(v, 2) for k, v in cats.items()}
-            print(f"{r.name:14s}" + "".join(f"{cats[c]:>16.1f}" for c in CATEGORIES)
-                  + f"{cats['idle/dispatch']:>15.1f}{step_ms:>9.1f}")
-        v = split["vanilla"]
-        f = min(1.0, v["conv/dot"] / v["step"])
-        out["conv_fraction"] = round(f, 4)
-        out["amdahl_bound"] = round(amdahl(f, mac_ratio), 4)
-        conv_speedup = v["conv/dot"] / max(split["pufferfish"]["conv/dot"], 1e-9)
-        out["conv_speedup"] = round(conv_speedup, 4)
-        print(f"\nconv/dot share of the vanilla step: {100 * f:.1f}%; Amdahl bound on the step speedup if only "
-              f"conv/dot shrinks by the MAC ratio {mac_ratio:.2f}x: {out['amdahl_bound']:.3f}x "
-              f"(measured step speedup {result['speedup']:.3f}x; measured conv/dot speedup {conv_speedup:.2f}x)")
-    except Exception as e:  # the timed sub-pieces still stand
-        out["trace_error"] = f"{type(e).__name__}: {e}"
-        print(f"trace breakdown failed: {out['trace_error']}", file=sys.stderr)
+            t[(r.name, "step")].append(r.run())
+            for k in keys[1:]:
+                t[(r.name, k)].append(pieces[r.name][k]())
+    # Medians of each piece; the shares and speedups are medians of per-round (paired) ratios,
+    # which a slow drift of the machine's load cancels out of.
+    med = {}
+    for r in runners:
+        m = {k: 1e3 * _median(t[(r.name, k)]) for k in keys}
+        rounds = list(zip(*(t[(r.name, k)] for k in keys)))
+        m["rest"] = 1e3 * _median([st - cd - op for st, _, cd, op in rounds])
+        m["conv_share"] = _median([cd / st for st, _, cd, _ in rounds])
+        med[r.name] = m
+    print(f"\nprofile: median ms of the pieces, each timed alone, interleaved ({args.profile_steps} rounds)")
+    print(f"{'':14s}{'step':>10s}{'fwd+bwd':>10s}{'conv/dot':>10s}{'optimizer':>11s}{'BN/elementwise/rest':>21s}"
+          f"{'conv share':>12s}")
+    for r in runners:
+        m = med[r.name]
+        out[f"{r.name}_ms"] = {k: round(v, 2) for k, v in m.items() if k != "conv_share"}
+        print(f"{r.name:14s}{m['step']:>10.1f}{m['fwd_bwd']:>10.1f}{m['conv_dot']:>10.1f}{m['opt']:>11.1f}"
+              f"{m['rest']:>21.1f}{100 * m['conv_share']:>11.1f}%")
+    v, p = med["vanilla"], med["pufferfish"]
+    paired = lambda k: _median([a / b for a, b in zip(t[("vanilla", k)], t[("pufferfish", k)])])  # noqa: E731
+    mac_ratio = result["mac_ratio"]
+    f = min(1.0, max(0.0, v["conv_share"]))
+    out["conv_fraction"] = round(f, 4)
+    out["amdahl_bound"] = round(amdahl(f, mac_ratio), 4)
+    out["conv_speedup"] = round(paired("conv_dot"), 4)
+    out["step_speedup"] = round(paired("step"), 4)
+    out["fwd_bwd_speedup"] = round(paired("fwd_bwd"), 4)
+    out["rest_speedup"] = round(v["rest"] / p["rest"], 4) if p["rest"] > 0 and v["rest"] > 0 else None
+    print(f"\nconv/dot share of the vanilla step: {100 * f:.1f}%. Amdahl bound, if only conv/dot shrank by the "
+          f"MAC ratio {mac_ratio:.2f}x and the rest stayed: {out['amdahl_bound']:.3f}x.")
+    rest = "n/a" if out["rest_speedup"] is None else f"{out['rest_speedup']:.2f}x"
+    print(f"measured speedups (paired): step {out['step_speedup']:.3f}x, fwd+bwd {out['fwd_bwd_speedup']:.3f}x, "
+          f"conv/dot alone {out['conv_speedup']:.2f}x, rest {rest}")
     return out
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """``--compare``'s worker: builds and warms both steps, says ``READY``, then runs one step
+    per ``vanilla``/``pufferfish`` line on stdin and answers with its seconds."""
+    import jax
+
+    setup = Setup(args)
+    runners = {r.name: r for r in setup.runners}
+    meta = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
+            "first_call_s": {r.name: round(r.compile_s, 2) for r in setup.runners}}
+    print("READY " + json.dumps(meta), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd in runners:
+            print(repr(runners[cmd].run()), flush=True)
+        elif cmd == "quit":
+            break
+    setup.check_finite()
+    return meta
+
+
+def _spec(text: str) -> tuple[str, str]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"error: --compare takes NAME=XLA_FLAGS, got {text!r}")
+    return name, flags
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """XLA configurations side by side: each in its own process (flags are read once per process),
+    steps interleaved across the processes so that outside load hits every configuration alike;
+    only one process computes at a time. The first configuration is the reference."""
+    import subprocess
+
+    import jax
+
+    specs = [_spec(t) for t in args.compare]
+    forward = ["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
+               "--warmup", str(args.warmup), "--ranks", str(args.ranks), "--seed", str(args.seed),
+               "--transition-models", "0", "--worker"] + (["--data", args.data] if args.data else [])
+    load_start = os.getloadavg()[0]
+    workers = {}
+    try:
+        for name, flags in specs:  # started one after the other: compilation is not timed but is heavy
+            env = dict(os.environ)
+            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+            env.pop("XLA_FLAGS", None)
+            env.pop("PUFFERFISH_NO_XLA_FLAGS", None)
+            if flags != "@project":
+                env["PUFFERFISH_NO_XLA_FLAGS"] = "1"
+                if flags:
+                    env["XLA_FLAGS"] = flags
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *forward], env=env, text=True,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            line = proc.stdout.readline()
+            if not line.startswith("READY "):
+                raise RuntimeError(f"worker {name!r} failed to start (exit code {proc.wait()})")
+            workers[name] = (proc, json.loads(line[len("READY "):]))
+            print(f"{name}: ready, XLA_FLAGS={workers[name][1]['xla_flags']!r}", file=sys.stderr)
+        times = {(n, m): [] for n in workers for m in ("vanilla", "pufferfish")}
+        for i in range(args.steps):
+            order = list(workers) if i % 2 == 0 else list(reversed(workers))  # no config always first
+            for name in order:
+                proc = workers[name][0]
+                for model in ("vanilla", "pufferfish"):
+                    proc.stdin.write(model + "\n")
+                    proc.stdin.flush()
+                    times[(name, model)].append(float(proc.stdout.readline()))
+    finally:
+        for proc, _ in workers.values():
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write("quit\n")
+                    proc.stdin.close()
+                    proc.wait(timeout=60)
+                except Exception:
+                    proc.kill()
+    ref = specs[0][0]
+    rows = {}
+    print(f"{args.arch} width {args.width:g}, batch {args.batch_size}, {args.steps} steps per model and config, "
+          f"interleaved across {len(workers)} processes, jax {jax.__version__}; reference: {ref}")
+    print(f"{'config':14s}{'vanilla ms':>12s}{'puffer ms':>11s}{'speedup':>9s}{'V vs ref':>10s}{'P vs ref':>10s}  XLA_FLAGS")
+    for name, (_, meta) in workers.items():
+        v, p = (1e3 * _median(times[(name, m)]) for m in ("vanilla", "pufferfish"))
+        # paired ratios (same round, adjacent in time) are robust to slow drifts of the load
+        rel = {m: _median([a / b for a, b in zip(times[(ref, m)], times[(name, m)])]) for m in ("vanilla", "pufferfish")}
+        rows[name] = {"vanilla_ms": round(v, 2), "pufferfish_ms": round(p, 2), "speedup": round(v / p, 4),
+                      "vanilla_speedup_vs_ref": round(rel["vanilla"], 4),
+                      "pufferfish_speedup_vs_ref": round(rel["pufferfish"], 4), "xla_flags": meta["xla_flags"]}
+        print(f"{name:14s}{v:>12.1f}{p:>11.1f}{v / p:>9.3f}{rel['vanilla']:>9.3f}x{rel['pufferfish']:>9.3f}x  "
+              f"{meta['xla_flags']!r}")
+    result = {"arch": args.arch, "width": args.width, "batch_size": args.batch_size, "ranks": args.ranks,
+              "steps": args.steps, "reference": ref, "configs": rows, "jax_version": jax.__version__,
+              "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
