@@ -3,18 +3,23 @@
 Defaults are the paper's recipe (ResNet-18, 300 epochs, batch 128, SGD lr 0.1 momentum 0.9,
 weight decay 1e-4, lr ÷10 at epochs 150 and 250, 80 vanilla warm-up epochs, then one
 truncated-SVD switch to the hybrid low-rank model).
+
+Checkpoints go to <out-dir>/checkpoints; running again on the same --out-dir resumes.
+Exit codes: 0 done (or stopped by SIGTERM after saving), 2 bad input, 3 NaN/Inf loss or
+gradient, 1 another failure (e.g. a peer process of a multi-process run died).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
-from experiments.cli import ArgumentParser, UsageError, check_out_dir, fail, rank_ratio_arg
+from experiments.cli import ArgumentParser, UsageError, check_out_dir, check_resumable, fail, rank_ratio_arg
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
 
@@ -37,7 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
     p.add_argument("--manual-dir", default=None, help="folder holding cifar-10-binary.tar.gz for offline preparation")
     p.add_argument("--no-download", action="store_true", help="never download the archive")
-    p.add_argument("--out-dir", default=None, help="where metrics.jsonl and summary.json go (default runs/cifar-<arch>-r<ranks>-<time>)")
+    p.add_argument("--out-dir", default=None, help="where metrics.jsonl, summary.json and checkpoints go "
+                   "(default runs/cifar-<arch>-r<ranks>-<time>); one that holds checkpoints is resumed")
+    c = p.add_argument_group("checkpoints")
+    # Epoch ends by default: a CIFAR epoch is a few hundred steps (under a minute on one GPU), so at most
+    # that much work is lost to a SIGKILL, SIGTERM saves at once anyway, and each save costs a device→host
+    # copy of the parameters and optimizer state.
+    c.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: at epoch ends, the switch and SIGTERM only)")
+    c.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
+    c.add_argument("--no-resume", action="store_true", help="refuse to run on an --out-dir that holds checkpoints instead of resuming")
     g = p.add_argument_group("data parallelism")
     g.add_argument("--reducer", default="allreduce", help="gradient reducer: allreduce, powersgd or signum")
     g.add_argument("--powersgd-rank", type=int, default=None, help="PowerSGD rank (default 2 for vanilla, 4 with Pufferfish)")
@@ -47,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-processes", type=int, default=None, help="processes in the run (with --coordinator)")
     g.add_argument("--process-id", type=int, default=None, help="this process's index (with --coordinator)")
     g.add_argument("--multi-host", action="store_true", help="auto-detect the cluster (TPU pod slice, SLURM, Open MPI)")
+    g.add_argument("--peer-timeout", type=int, default=60,
+                   help="seconds after which a multi-process run whose peer stopped answering exits with an error")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--dry-run", action="store_true", help="build both models, print parameters/MACs/gradient bytes, train nothing")
@@ -76,6 +91,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--coordinator needs --num-processes and --process-id")
     if args.num_processes is not None and args.process_id is not None and not 0 <= args.process_id < args.num_processes:
         raise UsageError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+    if args.save_every < 0:
+        raise UsageError(f"--save-every must be 0 or more steps, got {args.save_every}")
+    if args.keep_checkpoints < 1:
+        raise UsageError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+    if args.peer_timeout < 1:
+        raise UsageError(f"--peer-timeout must be at least 1 second, got {args.peer_timeout}")
 
 
 def make_reducer(args: argparse.Namespace):
@@ -128,6 +149,22 @@ def _factorized(spec, args):
     return m
 
 
+def dataset_id(train, test) -> str:
+    """Names the data by content (not path): a checkpoint resumes only on the data it was trained on."""
+    h = hashlib.sha256()
+    for split in (train, test):
+        h.update(split.images.tobytes())
+        h.update(split.labels.tobytes())
+    return f"cifar10 {len(train)}+{len(test)} images sha256:{h.hexdigest()[:16]}"
+
+
+def identity(args: argparse.Namespace, train, test) -> dict:
+    """What besides the trainer's own settings a checkpoint must share to be resumed."""
+    reducer = {"powersgd": f"powersgd rank {args.powersgd_rank or (4 if args.ranks < 1.0 else 2)}",
+               "signum": f"signum momentum {args.signum_momentum:g}"}.get(args.reducer, args.reducer)
+    return {"arch": args.arch, "width": args.width, "dataset": dataset_id(train, test), "reducer_options": reducer}
+
+
 def experiment(args: argparse.Namespace, train, test):
     """The CIFAR :class:`Experiment`: model, hybrid list, loss, SGD, multistep schedule, data."""
     import optax
@@ -161,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             return dry_run(args)
         args.out_dir = args.out_dir or os.path.join(
             "runs", f"cifar-{args.arch}-r{args.ranks:g}-{time.strftime('%Y%m%d-%H%M%S')}")
-        check_out_dir(args.out_dir)
+        resuming = check_out_dir(args.out_dir, resume=not args.no_resume)
         from pufferfish_jax.data import load_cifar10
 
         train, test = load_cifar10(args.data, args.data_dir, args.manual_dir, download=not args.no_download)
@@ -170,25 +207,51 @@ def main(argv: list[str] | None = None) -> dict:
 
         if args.devices:
             distributed.set_host_devices(args.devices)
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multi_host)
-        check_batch_divisible(args.batch_size, data_mesh())
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.multi_host,
+                               heartbeat_timeout_s=args.peer_timeout)
+        mesh = data_mesh()
+        check_batch_divisible(args.batch_size, mesh)
+        from pufferfish_jax.train.trainer import TrainConfig, run_identity
+
+        reducer = make_reducer(args)
+        cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+                          rank_ratio=args.ranks, seed=args.seed, out_dir=args.out_dir,
+                          progress=not args.no_progress, max_steps_per_epoch=args.max_steps_per_epoch,
+                          save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=not args.no_resume,
+                          identity=identity(args, train, test), config=vars(args))
+        if resuming:
+            check_resumable(args.out_dir, run_identity(cfg, reducer, mesh), args.epochs)
     except (UsageError, DatasetError) as e:
         fail(str(e))
     except ValueError as e:  # batch/mesh mismatch
         fail(str(e))
 
-    from pufferfish_jax.train.trainer import TrainConfig, fit
-
-    cfg = TrainConfig(epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
-                      rank_ratio=args.ranks, seed=args.seed, out_dir=args.out_dir,
-                      progress=not args.no_progress, max_steps_per_epoch=args.max_steps_per_epoch)
     import jax
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    result = fit(experiment(args, train, test), cfg, reducer=make_reducer(args))
+    from pufferfish_jax.checkpoint import CheckpointError
+    from pufferfish_jax.train.trainer import NonFiniteError, Preempted, fit
+
+    try:
+        result = fit(experiment(args, train, test), cfg, reducer=reducer, mesh=mesh)
+    except Preempted as e:
+        print(e, flush=True)
+        raise SystemExit(0)
+    except CheckpointError as e:  # every checkpoint damaged, or another run's
+        fail(str(e))
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
+    except Exception as e:
+        if jax.process_count() > 1:
+            # A collective failed: almost always a peer that died. Leave now rather than wait in
+            # jax.distributed's shutdown barrier for a process that will never come.
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            print(f"error: process {jax.process_index()} of {jax.process_count()} stops because the run lost a peer "
+                  f"process or a collective failed ({first}); rerun every process with the same command to resume "
+                  "from the last checkpoint", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        raise
     s = result.summary
     print(f"done: {args.arch} ranks {args.ranks:g}, {s['epochs']} epochs "
           f"({s['warmup_epochs']} warm-up): test accuracy {s.get('test_accuracy', float('nan')):.4f}, "

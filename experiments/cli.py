@@ -34,13 +34,40 @@ def rank_ratio_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def check_out_dir(path: str) -> None:
-    """The output directory must be creatable and writable, and must not already hold a run."""
+def check_out_dir(path: str, resume: bool = True) -> bool:
+    """The output directory must be creatable and writable. Returns True when it holds
+    checkpoints to continue from; a run there without checkpoints, or checkpoints with
+    ``resume=False``, is refused (never silently overwritten or started over)."""
+    from pufferfish_jax.checkpoint import checkpoint_dir, committed_steps
+
     probe = path
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
     probe = probe or "."
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {path} is not writable")
+    if committed_steps(checkpoint_dir(path)):
+        if not resume:
+            raise UsageError(f"output directory {path} holds checkpoints of a run and --no-resume forbids continuing it; "
+                             "choose another --out-dir")
+        return True
     if os.path.exists(os.path.join(path, "metrics.jsonl")):
-        raise UsageError(f"output directory {path} already holds a run; choose another --out-dir")
+        raise UsageError(f"output directory {path} already holds a run without a usable checkpoint; choose another --out-dir")
+    return False
+
+
+def check_resumable(path: str, identity: dict, epochs: int) -> None:
+    """The newest checkpoint in ``path`` must be readable, belong to a run like this one
+    (:func:`pufferfish_jax.train.trainer.run_identity`) and not be past ``epochs``. Reads metadata only."""
+    from pufferfish_jax.checkpoint import checkpoint_dir, identity_mismatch, latest_meta
+
+    found = latest_meta(checkpoint_dir(path))
+    if found is None:
+        raise UsageError(f"output directory {path} holds checkpoints but none is readable; move it away to start over")
+    _, meta = found
+    why = identity_mismatch(meta["identity"], identity)
+    if why:
+        raise UsageError(f"output directory {path} holds checkpoints of another run ({why}); "
+                         "resume it with the same settings or choose another --out-dir")
+    if meta["epoch"] > epochs:
+        raise UsageError(f"output directory {path} holds a checkpoint from epoch {meta['epoch']}, past --epochs {epochs}")
