@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
     c.add_argument("--no-resume", action="store_true", help="refuse to run on an --out-dir that holds checkpoints instead of resuming")
     g = p.add_argument_group("data parallelism")
-    g.add_argument("--reducer", default="allreduce", help="gradient reducer: allreduce, powersgd or signum")
+    g.add_argument("--reducer", default="allreduce", help="gradient reducer: allreduce, allreduce-flat, powersgd or signum")
     g.add_argument("--powersgd-rank", type=int, default=None, help="PowerSGD rank (default 2 for vanilla, 4 with Pufferfish)")
     g.add_argument("--signum-momentum", type=float, default=0.9, help="Signum's momentum (applied before the sign)")
     g.add_argument("--devices", type=int, default=None, help="split this host's CPU into N XLA devices (testing data parallelism)")
@@ -81,8 +81,10 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     if not args.width > 0:
         raise UsageError(f"--width must be positive, got {args.width}")
-    if args.reducer not in ("allreduce", "powersgd", "signum"):
-        raise UsageError(f"unknown reducer {args.reducer!r}; choose one of: allreduce, powersgd, signum")
+    from pufferfish_jax.reducers import REDUCERS
+
+    if args.reducer not in REDUCERS:
+        raise UsageError(f"unknown reducer {args.reducer!r}; choose one of: {', '.join(REDUCERS)}")
     if args.powersgd_rank is not None and args.powersgd_rank < 1:
         raise UsageError(f"--powersgd-rank must be at least 1, got {args.powersgd_rank}")
     if args.devices is not None and args.devices < 1:
@@ -108,7 +110,7 @@ def make_reducer(args: argparse.Namespace):
         return get_reducer("powersgd", rank=rank)
     if args.reducer == "signum":
         return get_reducer("signum", momentum=args.signum_momentum)
-    return get_reducer("allreduce")
+    return get_reducer(args.reducer)
 
 
 def dry_run(args: argparse.Namespace) -> dict:
