@@ -85,13 +85,18 @@ def _vgg19_layers(width):
     return out
 
 
+def _kernel_entries(c_in, c_out, k, path, ranks):
+    """Weights of one layer's kernel: r·(fan_in + fan_out) when factorized, else fan_in·fan_out."""
+    fan_in = k * k * c_in
+    return ranks[path] * (fan_in + c_out) if path in ranks else fan_in * c_out
+
+
 def _params(layers, pufferfish_ranks=None):
     """Kernels (factorized where ranked) + biases of linears + BN scale/shift after each conv."""
     ranks = pufferfish_ranks or {}
     total = 0
     for kind, c_in, c_out, k, _, path in layers:
-        fan_in = k * k * c_in
-        total += ranks[path] * (fan_in + c_out) if path in ranks else fan_in * c_out
+        total += _kernel_entries(c_in, c_out, k, path, ranks)
         total += c_out if kind == "linear" else 2 * c_out
     return total
 
@@ -100,9 +105,7 @@ def _macs(layers, pufferfish_ranks=None):
     ranks = pufferfish_ranks or {}
     total = 0
     for _, c_in, c_out, k, hw, path in layers:
-        fan_in = k * k * c_in
-        per_pixel = ranks[path] * (fan_in + c_out) if path in ranks else fan_in * c_out
-        total += hw * hw * per_pixel
+        total += hw * hw * _kernel_entries(c_in, c_out, k, path, ranks)
     return total
 
 
