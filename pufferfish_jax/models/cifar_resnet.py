@@ -25,15 +25,27 @@ def conv3x3(c_in: int, c_out: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> n
                     kernel_init=conv_init, dtype=dtype, rngs=rngs)
 
 
+def _input_to_compute_dtype(arrays: tuple, *, dtype: Any) -> tuple:
+    """BN's ``promote_dtype`` under mixed precision: only the input goes to the compute dtype.
+
+    nnx's default casts the running mean/var, scale and bias to ``dtype`` as well, so a bf16
+    model would normalize with bf16 statistics at evaluation. Left in float32, the batch
+    statistics are computed in float32 and ``(x - mean)·rsqrt(var + eps)·scale + bias`` is
+    evaluated in float32; only the result is cast to ``dtype``.
+    """
+    x, *rest = arrays
+    return (x if dtype is None else jnp.asarray(x, dtype), *rest)
+
+
 def batch_norm(c: int, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
     # PyTorch's BN momentum 0.1 is flax's 0.9; statistics stay fp32 even under bf16 compute.
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, promote_dtype=_input_to_compute_dtype, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
     """Two 3×3 conv–BN pairs with a residual connection; a 1×1 conv–BN shortcut when the shape changes."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, *, dtype: Any = None, rngs: nnx.Rngs):
+    def __init__(self, c_in: int, c_out: int, stride: int, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.conv1 = conv3x3(c_in, c_out, stride, dtype, rngs)
         self.bn1 = batch_norm(c_out, dtype, rngs)
         self.conv2 = conv3x3(c_out, c_out, 1, dtype, rngs)
@@ -61,7 +73,7 @@ class CifarResNet(nnx.Module):
         num_classes: int = 10,
         width: float = 1.0,
         *,
-        dtype: Any = None,
+        dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         widths = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
@@ -87,6 +99,6 @@ class CifarResNet(nnx.Module):
         return self.linear(x).astype(jnp.float32)
 
 
-def resnet18(num_classes: int = 10, width: float = 1.0, *, dtype: Any = None, rngs: nnx.Rngs) -> CifarResNet:
+def resnet18(num_classes: int = 10, width: float = 1.0, *, dtype: Any = jnp.float32, rngs: nnx.Rngs) -> CifarResNet:
     """CIFAR ResNet-18: 11,173,962 trainable parameters at width 1.0 (3,336,266 in Pufferfish form)."""
     return CifarResNet((2, 2, 2, 2), num_classes, width, dtype=dtype, rngs=rngs)

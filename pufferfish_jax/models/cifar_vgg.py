@@ -24,7 +24,7 @@ conv10–conv16 and the two hidden 512×512 linear layers are factorized."""
 class VGG(nnx.Module):
     """VGG with BN for 32×32 inputs; ``width`` scales every channel count and the hidden classifier width."""
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5, *, dtype: Any = None, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.5, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         scale = lambda c: max(1, int(round(c * width)))
         convs, bns, c_in = [], [], 3
         self.plan = tuple(v if v == "M" else scale(v) for v in CONFIG)
@@ -55,6 +55,6 @@ class VGG(nnx.Module):
         return self.fc3(x).astype(jnp.float32)
 
 
-def vgg19(num_classes: int = 10, width: float = 1.0, *, dtype: Any = None, rngs: nnx.Rngs) -> VGG:
+def vgg19(num_classes: int = 10, width: float = 1.0, *, dtype: Any = jnp.float32, rngs: nnx.Rngs) -> VGG:
     """CIFAR VGG-19-BN: 20,560,330 trainable parameters at width 1.0 (8,370,634 in Pufferfish form)."""
     return VGG(num_classes, width, dtype=dtype, rngs=rngs)
