@@ -78,6 +78,8 @@ def arrays_digest(tree: Any) -> str:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in leaves:
         h.update(jax.tree_util.keystr(path).encode())
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)  # dropout RNG keys: hash their raw bits
         if isinstance(leaf, jax.Array):
             h.update(f"{leaf.shape}{leaf.dtype}".encode())
             shards = sorted((s for s in leaf.addressable_shards if s.replica_id == 0),
