@@ -197,7 +197,7 @@ class Runner:
         def fwd_bwd(params, rest, batch):
             def compute_loss(p):
                 model = nnx.merge(graphdef, p, rest, copy=True)
-                loss, metrics = loss_fn(model, batch)
+                loss, metrics, _ = loss_fn(model, batch, ())
                 return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
             return jax.value_and_grad(compute_loss, has_aux=True)(params)
@@ -288,7 +288,7 @@ class Setup:
         tx, reducer, mesh = exp.make_tx(), all_reduce(), data_mesh()
         check_batch_divisible(args.batch_size, mesh)
         batch = global_batch(real_batch(data_path(args), args.batch_size, args.seed), mesh)
-        lr = exp.schedule(0)
+        lr = exp.schedule(0, 0, [])
 
         vanilla = exp.build_model(nnx.Rngs(args.seed))
         jax.block_until_ready(nnx.state(vanilla))

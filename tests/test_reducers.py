@@ -300,10 +300,10 @@ def check_shard_map() -> None:
             np.testing.assert_array_equal(out[k][w], np.sign(np.sign(m).sum(0)))
 
     # Through the project's train step: full-rank PowerSGD trains exactly like the all-reduce.
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, carry):
         logits = model(batch["x"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-        return loss, {"loss_sum": loss * batch["y"].shape[0]}
+        return loss, {"loss_sum": loss * batch["y"].shape[0]}, carry
 
     rng = np.random.default_rng(0)
     data = {"x": rng.standard_normal((8, 6)).astype(np.float32), "y": rng.integers(0, 3, 8).astype(np.int32)}

@@ -34,7 +34,7 @@ from pufferfish_jax.accounting import count_params
 from pufferfish_jax.checkpoint import (CheckpointError, CheckpointMismatch, Checkpointer, all_processes_agree,
                                        checkpoint_dir, committed_steps, identity_mismatch)
 from pufferfish_jax.factorize import FactorizedLayer, factorize
-from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch, place_state, replicate
+from pufferfish_jax.parallel import DATA, check_batch_divisible, data_mesh, global_batch, place_state, replicate
 from pufferfish_jax.reducers import Reducer, all_reduce, no_communication
 from pufferfish_jax.train.state import TrainState, init_state, split_model, state_specs
 from pufferfish_jax.train.steps import LossFn, make_eval_step, make_train_step
@@ -48,16 +48,30 @@ TIMING_FIELDS = ("epoch_s", "examples_per_s", "step_s", "compute_s", "comm_s", "
 class Experiment:
     """What a task is made of. Data callables return grain ``MapDataset``s of this process's
     share of each global batch: ``train_data(epoch, shard_index, shard_count)`` and
-    ``eval_data(shard_index, shard_count)``."""
+    ``eval_data(shard_index, shard_count)``.
+
+    ``schedule(epoch, step, history)`` gives the learning rate of the next step from the global
+    epoch, the global steps done so far and the metrics records written so far (epoch records
+    and the transition record), so plateau rules and per-step warm-ups resume exactly.
+    ``init_carry(global_batch)`` (tasks with state across batches, e.g. an LSTM's hidden state)
+    gives the carry at the start of every training epoch and every evaluation pass.
+    Per-epoch evaluation metrics are logged as ``<eval_name>_*``; ``test_data``, when given, is
+    evaluated once after training, into the summary as ``test_*``. ``derived_metrics`` adds
+    figures computed from finished metrics (e.g. perplexity from the loss).
+    """
 
     build_model: Callable[[nnx.Rngs], nnx.Module]
     keep_full_rank: Sequence[str]
     loss_fn: LossFn
     make_tx: Callable[[], optax.GradientTransformation]
-    schedule: Callable[[int], float]
+    schedule: Callable[[int, int, list[dict[str, Any]]], float]
     train_data: Callable[[int, int, int], grain.MapDataset]
     eval_data: Callable[[int, int], grain.MapDataset]
     rank_overrides: dict[str, float] | None = None
+    init_carry: Callable[[int], Any] | None = None
+    eval_name: str = "test"
+    test_data: Callable[[int, int], grain.MapDataset] | None = None
+    derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +148,22 @@ class MetricsLog:
             os.replace(tmp, self.path)
 
 
-def _finish(sums: dict[str, float]) -> dict[str, float]:
+def _finish(sums: dict[str, float], exp: Experiment) -> dict[str, float]:
     count = max(float(sums.get("count", 0.0)), 1.0)
     out = {"loss": float(sums["loss_sum"]) / count}
     if "correct" in sums:
         out["accuracy"] = float(sums["correct"]) / count
+    if exp.derived_metrics is not None:
+        out.update(exp.derived_metrics(out))
     return out
+
+
+def initial_carry(exp: Experiment, batch_size: int, mesh) -> Any:
+    """The task's carry for ``batch_size`` examples, created on the devices and sharded like the
+    batch (no host transfer, the same in every process)."""
+    if exp.init_carry is None:
+        return ()
+    return jax.jit(lambda: exp.init_carry(batch_size), out_shardings=NamedSharding(mesh, P(DATA)))()
 
 
 def comm_split(phase: "_Phase", state: TrainState, batch, lr, exp: Experiment, tx, mesh, repeats: int = 5) -> dict[str, float]:
@@ -189,13 +213,19 @@ def _compile_phase(name: str, model: nnx.Module, exp: Experiment, tx, reducer: R
     return phase, params, rest
 
 
-def evaluate(phase: _Phase, state: TrainState, exp: Experiment, mesh) -> dict[str, float]:
-    """Metrics over the whole evaluation set, data-parallel."""
+def evaluate(phase: _Phase, state: TrainState, exp: Experiment, mesh,
+             data: Callable[[int, int], grain.MapDataset] | None = None) -> dict[str, float]:
+    """Metrics over the whole evaluation set (``exp.eval_data`` unless ``data``), data-parallel,
+    the carry (if any) threaded through its batches in order."""
     sums: dict[str, Any] = {}
-    for batch in exp.eval_data(jax.process_index(), jax.process_count()):
-        out = phase.eval_step(state.params, state.rest, global_batch(batch, mesh))
+    carry = None
+    for batch in (data or exp.eval_data)(jax.process_index(), jax.process_count()):
+        batch = global_batch(batch, mesh)
+        if carry is None:  # sized by the evaluation batch, which may differ from training's
+            carry = initial_carry(exp, next(iter(batch.values())).shape[0], mesh)
+        out, carry = phase.eval_step(state.params, state.rest, batch, carry)
         sums = out if not sums else jax.tree.map(jnp.add, sums, out)
-    return _finish(jax.device_get(sums))
+    return _finish(jax.device_get(sums), exp)
 
 
 def _build(exp: Experiment, cfg: TrainConfig, low_rank: bool, abstract: bool) -> tuple[nnx.Module, list[FactorizedLayer]]:
@@ -213,10 +243,11 @@ def _build(exp: Experiment, cfg: TrainConfig, low_rank: bool, abstract: bool) ->
     return (nnx.eval_shape(build) if abstract else build()), layers
 
 
-def _abstract_state(model: nnx.Module, tx, reducer: Reducer, mesh) -> TrainState:
+def _abstract_state(model: nnx.Module, exp: Experiment, cfg: TrainConfig, tx, reducer: Reducer, mesh) -> TrainState:
     """Shapes, dtypes and shardings of the state of ``model`` (abstract): what a checkpoint restores into."""
     _, _, params, rest = split_model(model)
-    shapes = jax.eval_shape(lambda p, r: init_state(p, r, tx, reducer, mesh.size), params, rest)
+    carry = jax.eval_shape(lambda: exp.init_carry(cfg.batch_size)) if exp.init_carry is not None else ()
+    shapes = jax.eval_shape(lambda p, r, c: init_state(p, r, tx, reducer, mesh.size, carry=c), params, rest, carry)
     return jax.tree.map(
         lambda spec, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)), sub),
         state_specs(shapes), shapes, is_leaf=lambda x: isinstance(x, P))
@@ -303,7 +334,7 @@ def _resume(exp: Experiment, cfg: TrainConfig, tx, reducer: Reducer, mesh, ckpt:
         if [[l.path, l.rank] for l in layers] != meta["factorized"]:
             raise CheckpointMismatch(f"the checkpoints in {ckpt.directory} have other low-rank layers or ranks")
         models.append(model)
-        return _abstract_state(model, tx, reducer, mesh)
+        return _abstract_state(model, exp, cfg, tx, reducer, mesh)
 
     state, meta = ckpt.restore(target)
     phase, _, _ = _compile_phase(meta["phase"], models[-1], exp, tx, reducer, mesh)
@@ -354,6 +385,7 @@ def fit(
             model, layers = _build(exp, cfg, low_rank=name == LOW_RANK, abstract=False)
             phase, params, rest = _compile_phase(name, model, exp, tx, reducer, mesh)
             state = place_state(init_state(params, rest, tx, reducer, mesh.size), mesh)
+            state = state.replace(carry=initial_carry(exp, cfg.batch_size, mesh))
             del model
             meta = {"epoch": 0, "step_in_epoch": 0, "factorized": [[l.path, l.rank] for l in layers], "sums": {},
                     "comm": {}, "timed_phases": [], "records": [], "transition_s": None}
@@ -407,14 +439,16 @@ def fit(
                     else:
                         phase, params, rest = _compile_phase(LOW_RANK, model, exp, tx, reducer, mesh)
                         state = place_state(init_state(params, rest, tx, reducer, mesh.size, step=step), mesh)
+                        state = state.replace(carry=initial_carry(exp, cfg.batch_size, mesh))
                         del model
                     factorized = [[l.path, l.rank] for l in switched]
-                    log.write({"event": "transition", "epoch": epoch, "transition_s": transition_s, "params": phase.params,
-                               "factorized_layers": len(switched)})
+                    log.write({"event": "transition", "epoch": epoch, "step": step, "transition_s": transition_s,
+                               "params": phase.params, "factorized_layers": len(switched)})
                     save(epoch, 0, {}, {})  # a kill from here on resumes in the low-rank phase
 
-                lr = exp.schedule(epoch)
-                lr_arr = jnp.asarray(lr, jnp.float32)
+                if first == 0 and exp.init_carry is not None:  # each epoch starts from a fresh carry
+                    state = state.replace(carry=initial_carry(exp, cfg.batch_size, mesh))
+                lr, lr_arr = None, None
                 data = exp.train_data(epoch, *shard)
                 n_steps = len(data) if cfg.max_steps_per_epoch is None else min(len(data), cfg.max_steps_per_epoch)
                 bar = tqdm(total=n_steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs} [{phase.name}]", leave=False,
@@ -437,6 +471,9 @@ def fit(
                 batches = data[first:n_steps].to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
                 for i, batch in enumerate(batches, start=first):
                     batch = global_batch(batch, mesh)
+                    next_lr = float(exp.schedule(epoch, step, log.records))
+                    if next_lr != lr:  # one host→device copy per change, not per step
+                        lr, lr_arr = next_lr, jnp.asarray(next_lr, jnp.float32)
                     if i == 0 and cfg.measure_comm and mesh.size > 1 and phase.name not in timed_phases:
                         timed_phases.add(phase.name)
                         comm = comm_split(phase, state, batch, lr_arr, exp, tx, mesh)
@@ -455,8 +492,10 @@ def fit(
                         check_finite()  # never save a non-finite state
                         done = jax.device_get(sums)
                         seen = float(done["count"])
-                        bar.set_postfix(loss=f"{done['loss_sum'] / seen:.3f}", acc=f"{done.get('correct', 0) / seen:.3f}",
-                                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                        shown = {"loss": f"{done['loss_sum'] / seen:.3f}"}
+                        if "correct" in done:
+                            shown["acc"] = f"{done['correct'] / seen:.3f}"
+                        bar.set_postfix(**shown, ex_s=f"{seen / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3g}")
                     if periodic or stopping:
                         save(epoch, i + 1, sums, comm)
                     if stopping:
@@ -468,20 +507,20 @@ def fit(
                 epoch_s = time.perf_counter() - t0
                 bar.close()
                 check_finite()
-                train = _finish(jax.device_get(sums))
+                train = _finish(jax.device_get(sums), exp)
                 test = evaluate(phase, state, exp, mesh)
                 record = {
                     "epoch": epoch + 1, "phase": phase.name, "lr": lr, "step": step,
-                    **{f"train_{k}": v for k, v in train.items()}, **{f"test_{k}": v for k, v in test.items()},
+                    **{f"train_{k}": v for k, v in train.items()}, **{f"{exp.eval_name}_{k}": v for k, v in test.items()},
                     "epoch_s": epoch_s, "examples_per_s": float(jax.device_get(sums)["count"]) / epoch_s,
                     "params": phase.params, "reducer": reducer.name, "devices": mesh.size,
                     "bytes_per_step": phase.bytes_per_step, **comm,
                 }
                 log.write(record)
                 if cfg.progress and jax.process_index() == 0:
-                    acc = f" test_acc {test['accuracy']:.4f}" if "accuracy" in test else ""
+                    extra = "".join(f" {exp.eval_name}_{k} {v:.4f}" for k, v in test.items() if k != "loss")
                     print(f"epoch {epoch + 1}/{cfg.epochs} [{phase.name}] lr {lr:.4g} train_loss {train['loss']:.4f} "
-                          f"test_loss {test['loss']:.4f}{acc} ({epoch_s:.1f}s)", file=sys.stderr)
+                          f"{exp.eval_name}_loss {test['loss']:.4f}{extra} ({epoch_s:.1f}s)", file=sys.stderr)
                 # The epoch end; when the switch comes next, its own save (same step) stands for it.
                 switch_next = epoch + 1 < cfg.epochs and phase_of(epoch + 1, cfg) != phase.name
                 if not switch_next:
@@ -503,9 +542,12 @@ def fit(
     summary = {
         "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs, "rank_ratio": cfg.rank_ratio,
         "params_vanilla": vanilla_params, "params_final": phase.params,
-        "transition_s": transition_s, "total_s": time.perf_counter() - run_start,
-        **{k: v for k, v in last.items() if k.startswith("test_") or k.startswith("train_")},
+        "transition_s": transition_s,
+        **{k: v for k, v in last.items() if k.startswith((f"{exp.eval_name}_", "train_"))},
     }
+    if exp.test_data is not None:
+        summary.update({f"test_{k}": v for k, v in evaluate(phase, state, exp, mesh, exp.test_data).items()})
+    summary["total_s"] = time.perf_counter() - run_start
     if cfg.out_dir and jax.process_index() == 0:
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
