@@ -56,3 +56,35 @@ def language_model():
         return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "count": count}, carry
 
     return loss_fn
+
+
+def translation(label_smoothing: float = 0.1, pad_id: int = 0):
+    """Label-smoothed cross-entropy over the non-PAD target tokens of a translation batch
+    (``src``, ``tgt_in``, ``tgt_out`` int ids), as the official Transformer code: the true token
+    gets ``1 - ε`` and every other token ``ε / (V - 1)``.
+
+    The differentiated loss is the smoothed cross-entropy averaged over the batch's target tokens;
+    the metric sums are the *unsmoothed* negative log-likelihood (``loss_sum``, so the reported
+    loss is a true per-token NLL and ``exp`` of it a perplexity), next-token ``correct`` and the
+    token ``count``. No carry: receives and returns ``()``.
+    """
+
+    def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], carry=()):
+        logits = model(batch["src"], batch["tgt_in"]).astype(jnp.float32)
+        labels = batch["tgt_out"]
+        mask = (labels != pad_id).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+        if label_smoothing:
+            vocab = logits.shape[-1]
+            off = label_smoothing / (vocab - 1)
+            # Σ_v q_v·(-log p_v) with q = off everywhere except 1 - ε on the label.
+            smoothed = (1.0 - label_smoothing - off) * nll - off * logp.sum(-1)
+        else:
+            smoothed = nll
+        count = mask.sum()
+        loss = (smoothed * mask).sum() / jnp.maximum(count, 1.0)
+        correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
+        return loss, {"loss_sum": (nll * mask).sum(), "correct": correct, "count": count}, carry
+
+    return loss_fn
