@@ -10,7 +10,6 @@ lets TFDS write ``array_record`` shards, and is read back with
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import posixpath
@@ -24,6 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+from pufferfish_jax.data.tfds_common import DatasetError, manual_dir_of, prepare, sha256_file
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"
@@ -46,24 +47,12 @@ CLASS_NAMES = (
 )  # fmt: skip
 
 
-class DatasetError(ValueError):
-    """CIFAR-10 is missing, corrupt or not prepared."""
-
-
 def _missing_message(where: str) -> str:
     return (
         f"CIFAR-10 not found ({where}): allow the online download, put "
         f"{ARCHIVE_NAME} (or its extracted {BATCH_DIR}/ folder) in the manual "
         "dir, or use --data FILE.npz."
     )
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _offline(url: str) -> bool:
@@ -214,18 +203,12 @@ class PufferfishCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             disable_shuffling=True,
         )
 
-    def _manual_dir(self, dl_manager: tfds.download.DownloadManager) -> str | None:
-        try:
-            return os.fspath(dl_manager.manual_dir)
-        except AssertionError:  # TFDS's way of saying "missing or empty"
-            return None
-
     def _locate(self, dl_manager: tfds.download.DownloadManager) -> str:
-        manual = self._manual_dir(dl_manager)
+        manual = manual_dir_of(dl_manager)
         if manual is not None:
             archive = os.path.join(manual, ARCHIVE_NAME)
             if os.path.isfile(archive):
-                actual = _sha256(archive)
+                actual = sha256_file(archive)
                 if actual != self._expected_sha256:
                     raise DatasetError(
                         f"{archive} failed the checksum: sha256 is {actual} but "
@@ -304,16 +287,7 @@ def build(
         expected_sha256=expected_sha256,
         records_per_file=records_per_file,
     )
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir,
-            # The dataset is not on GCS; asking would only need the network.
-            try_download_gcs=False,
-            # Statistics are computed with tf.data.
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        ),
-    )
+    prepare(builder, manual_dir)
 
 
 def data_source(data_dir: str, split: str) -> Sequence[dict[str, np.ndarray]]:
@@ -391,4 +365,4 @@ def write_binary_archive(
                 info = tarfile.TarInfo(f"{BATCH_DIR}/{name}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    return _sha256(path)
+    return sha256_file(path)
