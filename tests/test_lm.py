@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -295,11 +296,38 @@ def test_plateau_schedule_from_history():
 TINY = ["--emsize", "16", "--nhid", "16", "--bptt", "10", "--batch-size", "4", "--no-progress", "--data-dir", str(PTB)]
 
 
-def test_end_to_end_warmup_transition_low_rank(tmp_path):
-    out = tmp_path / "run"
-    proc = run_module("experiments.lm", *TINY, "--epochs", "2", "--warmup-epochs", "1", "--max-steps-per-epoch", "5",
-                      "--out-dir", str(out))
+# 2 epochs of 5 steps, the switch after the first; saves at steps 2, 4, 5 (the switch), 6, 8 and 10.
+RUN = [*TINY, "--epochs", "2", "--warmup-epochs", "1", "--max-steps-per-epoch", "5", "--save-every", "2"]
+TIMING = ("epoch_s", "examples_per_s", "step_s", "compute_s", "comm_s", "transition_s", "total_s")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("jax-cache")  # shared by this module's processes: compile once
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _lm(out, env, *flags, kill=None):
+    return run_module("experiments.lm", *flags, "--out-dir", str(out),
+                      env={**env, **({"PUFFERFISH_TEST_KILL": kill} if kill else {})})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    proc = _lm(out, env, *RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def _records(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_warmup_transition_low_rank(reference):
+    out, proc = reference
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "phase" in r]
     assert [r["phase"] for r in epochs] == ["warmup", "low_rank"]
@@ -315,6 +343,40 @@ def test_end_to_end_warmup_transition_low_rank(tmp_path):
     assert np.isclose(summary["test_perplexity"], np.exp(summary["test_loss"])) and summary["test_perplexity"] > 1
     assert summary["val_perplexity"] == epochs[-1]["val_perplexity"] and summary["params_final"] == transition["params"]
     assert json.loads((out / "config.json").read_text())["bptt"] == 10
+
+
+def test_killed_mid_epoch_resumes_exactly(reference, tmp_path, env):
+    """SIGKILL after step 7 (low-rank epoch, mid-epoch): resumes from step 6 with the saved hidden
+    state, dropout RNG and schedule history, and ends bit-identical to the uninterrupted run."""
+    from pufferfish_jax.checkpoint import checkpoint_dir, latest_meta
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    first = _lm(out, env, *RUN, kill="step:7")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    step, meta = latest_meta(checkpoint_dir(str(out)))
+    assert (step, meta["phase"], meta["epoch"], meta["step_in_epoch"]) == (6, "low_rank", 1, 1)
+    second = _lm(out, env, *RUN)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from checkpoint step 6 " in second.stderr
+    (_, a), (_, b) = latest_meta(checkpoint_dir(str(out))), latest_meta(checkpoint_dir(str(ref)))
+    assert a["digest"]["arrays"] == b["digest"]["arrays"]  # parameters, carry, RNG: bit-identical
+    assert _records(out) == _records(ref)
+
+
+def test_two_devices_train_like_one(tmp_path, env):
+    """The carry is sharded over the devices like the batch: 2 simulated devices give the same
+    losses as 1 (dropout off, so both runs draw nothing random)."""
+    flags = [*TINY, "--dropout", "0", "--epochs", "2", "--warmup-epochs", "1", "--max-steps-per-epoch", "3"]
+    runs = []
+    for devices in ("1", "2"):
+        proc = _lm(tmp_path / devices, env, *flags, "--devices", devices)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append([r for r in _records(tmp_path / devices) if "phase" in r])
+    assert [r["devices"] for r in runs[1]] == [2, 2]
+    for one, two in zip(*runs):
+        for key in ("train_loss", "val_loss"):
+            assert np.isclose(one[key], two[key], rtol=1e-5), (key, one[key], two[key])
 
 
 def test_dry_run_paper_configuration(capsys):
