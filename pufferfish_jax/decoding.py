@@ -125,11 +125,13 @@ def decode_length(src_len: int, limit: int) -> int:
 
 
 def translate(model: nnx.Module, tok: Tokenizer, sentences: Sequence[str], *, beam_size: int = 1,
-              length_penalty: float = 0.7, batch_size: int = 64, max_len: int = 100, src_max_len: int = 100) -> list[str]:
+              length_penalty: float = 0.7, batch_size: int = 64, max_len: int = 100, src_max_len: int = 100,
+              pad_multiple: int = 16) -> list[str]:
     """Detokenized translations of raw ``sentences`` (in their order), greedy when ``beam_size`` is 1.
 
     Sources are wrapped in BOS … EOS and cut to ``src_max_len`` tokens, sorted by length and
-    decoded ``batch_size`` at a time (the last batch padded with empty sources).
+    decoded ``batch_size`` at a time (the last batch padded with empty sources), each batch padded
+    to a multiple of ``pad_multiple`` tokens.
     """
     model.eval()
     src = [np.asarray([BOS, *ids[: src_max_len - 2], EOS], np.int32) for ids in tok.encode(sentences)]
@@ -139,7 +141,7 @@ def translate(model: nnx.Module, tok: Tokenizer, sentences: Sequence[str], *, be
         idx = order[start:start + batch_size]
         rows = [src[i] for i in idx] + [np.asarray([BOS, EOS], np.int32)] * (batch_size - len(idx))
         length = max(len(r) for r in rows)
-        batch = pad_rows(rows, padded_length(length, 8))
+        batch = pad_rows(rows, padded_length(length, pad_multiple))
         target_len = decode_length(length, max_len)
         if beam_size == 1:
             out, _ = greedy_decode(model, batch, target_len)
