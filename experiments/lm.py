@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"vocabulary size for --dry-run without data (default {PAPER_VOCAB:,} = WikiText-2); "
                    "when training it must match the corpus")
+    p.add_argument("--bench-steps", type=int, default=None,
+                   help="train nothing: time N train steps of the vanilla and the Pufferfish model, interleaved, "
+                   "on the first real training batch, and print the median step times (last line JSON)")
     return p.parse_args(argv)
 
 
@@ -79,6 +82,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not (math.isfinite(args.clip) and args.clip > 0):
         raise UsageError(f"--clip must be a positive number, got {args.clip}")
+    if args.bench_steps is not None and args.bench_steps < 1:
+        raise UsageError(f"--bench-steps must be at least 1, got {args.bench_steps}")
     if args.vocab_size is not None and args.vocab_size < 2:
         raise UsageError(f"--vocab-size must be at least 2, got {args.vocab_size}")
 
@@ -176,6 +181,57 @@ def experiment(args: argparse.Namespace, corpus):
     )
 
 
+def bench(args: argparse.Namespace, corpus) -> dict:
+    """Median wall time of the project's own jitted train step (the trainer's ``make_train_step``,
+    exact all-reduce, clipped SGD, carry threaded through) for the vanilla model and for its
+    Pufferfish form after the SVD switch, timed interleaved so that load from other processes
+    hits both alike."""
+    import time
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from pufferfish_jax import count_params, factorize
+    from pufferfish_jax.parallel import data_mesh, global_batch, place_state
+    from pufferfish_jax.reducers import all_reduce
+    from pufferfish_jax.train.state import init_state, split_model
+    from pufferfish_jax.train.steps import make_train_step
+    from pufferfish_jax.train.trainer import initial_carry
+
+    exp = experiment(args, corpus)
+    mesh, tx, reducer = data_mesh(), exp.make_tx(), all_reduce()
+    batch = global_batch(exp.train_data(0, 0, 1)[0], mesh)
+    lr = jax.numpy.asarray(args.lr, jax.numpy.float32)
+    runs, params = {}, {}
+    for name in ("vanilla", "pufferfish"):
+        model = exp.build_model(nnx.Rngs(args.seed))
+        if name == "pufferfish":
+            factorize(model, args.ranks, exp.keep_full_rank)
+        params[name] = count_params(model)
+        train_def, _, p, rest = split_model(model)
+        state = place_state(init_state(p, rest, tx, reducer, mesh.size), mesh)
+        runs[name] = [make_train_step(train_def, exp.loss_fn, tx, reducer, mesh),
+                      state.replace(carry=initial_carry(exp, args.batch_size, mesh))]
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.bench_steps + 2):  # the first two rounds compile and warm up
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run[1], metrics = run[0](run[1], batch, lr)
+            jax.block_until_ready((run[1], metrics))
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    report = {"emsize": args.emsize, "nhid": args.nhid, "vocab_size": corpus.vocab_size, "batch_size": args.batch_size,
+              "bptt": args.bptt, "steps": args.bench_steps, "rank_ratio": args.ranks,
+              **{f"params_{n}": params[n] for n in runs},
+              **{f"step_s_{n}": float(np.median(times[n])) for n in runs}}
+    report["speedup"] = report["step_s_vanilla"] / report["step_s_pufferfish"]
+    print(f"median train step: vanilla {report['step_s_vanilla'] * 1e3:.1f} ms, Pufferfish "
+          f"{report['step_s_pufferfish'] * 1e3:.1f} ms ({report['speedup']:.2f}x) over {args.bench_steps} interleaved steps")
+    print(json.dumps(report))
+    return report
+
+
 def load(args: argparse.Namespace):
     from pufferfish_jax.data.text import load_corpus
 
@@ -197,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.dry_run:
             return dry_run(args)
         corpus = load(args)
+        if args.bench_steps:
+            return bench(args, corpus)
         identity = {"dataset": f"{args.dataset} {corpus.fingerprint()}", "emsize": args.emsize, "nhid": args.nhid,
                     "nlayers": args.nlayers, "dropout": args.dropout, "bptt": args.bptt}
         cfg, reducer, mesh = prepare_run(args, f"lm-{args.dataset}", identity)

@@ -399,6 +399,15 @@ def test_dry_run_other_sizes(capsys):
     assert report["params_pufferfish"] == report["params_vanilla"] and report["factorized_layers"] == 0
 
 
+def test_bench_steps_times_both_models(capsys):
+    from experiments.lm import main
+
+    report = main([*TINY, "--bench-steps", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert report["params_vanilla"] - report["params_pufferfish"] == 16 * (16 * 16 - 4 * 32)
+    assert report["step_s_vanilla"] > 0 and report["step_s_pufferfish"] > 0
+
+
 def _bad(argv, capsys, tmp_path):
     from experiments.lm import main
 
@@ -428,6 +437,7 @@ def _bad(argv, capsys, tmp_path):
         (["--vocab-size", "33278", "--data-dir", str(PTB)], "does not match"),
         (["--batch-size", "100000", "--data-dir", str(PTB)], "too short"),
         (["--nhid", "abc"], "invalid int"),
+        (["--bench-steps", "0"], "--bench-steps"),
     ],
 )
 def test_bad_input_is_one_sentence_exit_2(argv, message, capsys, tmp_path):
