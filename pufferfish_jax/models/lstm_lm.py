@@ -158,8 +158,9 @@ class LSTMLanguageModel(nnx.Module):
             x, layer_carry = run_lstm_layer(cell, x, tuple(layer_carry))
             x = self.dropout(x)  # between layers and before the decoder, as the official model
             new_carry.append(layer_carry)
+        x = jnp.swapaxes(x, 0, 1)  # back to (B, T, nhid) before the decoder: the logits are the big array
         logits = self.embed.attend(x) + self.decoder_bias[...].astype(x.dtype)
-        return jnp.swapaxes(logits, 0, 1).astype(jnp.float32), tuple(new_carry)
+        return logits.astype(jnp.float32), tuple(new_carry)
 
     def zero_carry(self, batch_size: int) -> Carry:
         """All-zero ``(c, h)`` per layer, ``(batch_size, nhid)`` float32."""
