@@ -25,6 +25,11 @@ Linux machine and times the project's own data-parallel train step
 Modes (``--modes``, default all): ``vanilla`` (ResNet-18, exact all-reduce), ``pufferfish``
 (``factorize(model, 0.25, KEEP_FULL_RANK)``, exact all-reduce), ``vanilla+powersgd`` (rank 2),
 ``pufferfish+powersgd`` (rank 4), ``signum`` (vanilla model, majority vote, momentum 0.9).
+The exact all-reduce is the default one (a flat concatenated buffer, as the official code does);
+not in the default set: ``vanilla+per-tensor`` and ``pufferfish+per-tensor``, one all-reduce per
+gradient tensor (``allreduce-per-tensor``), and the per-mode ``alone s`` column times the
+collective by itself on the same gradient shapes, so ``overlap`` = 1 - (step - compute) / alone
+says how much of it the step hid behind its backward pass.
 The optimizer is the CIFAR recipe's ``chain(add_decayed_weights(1e-4), trace(0.9))``; for
 Signum, ``add_decayed_weights`` only (its momentum is in the reducer).
 
@@ -53,8 +58,7 @@ as the last line of stdout, one JSON object::
 time. Vanilla is measured at ``--rate`` and at a quarter of it (choose ``--rate`` so that the
 transfer is clearly visible at both, e.g. ``400mbit`` for ResNet-18 on one CPU core); its comm
 time (median of the per-step ``step - compute`` of interleaved pairs) is fitted as ``latency +
-bits / rate`` (a fixed per-step cost — one gloo collective per gradient leaf, each a few round
-trips — plus the transfer; measured, so gloo's algorithm and TCP overheads are in it) and the
+bits / rate`` (a fixed per-step cost — a few round trips per gloo collective — plus the transfer; measured, so gloo's algorithm and TCP overheads are in it) and the
 balance rate solves ``latency + bits / rate = compute``; if noise makes the fit meaningless, the
 lower rate's comm time alone is used (zero latency); see :func:`balance_rate`. Unless
 ``--no-verify``, the same workers (no recompilation: the tc rate is changed between phases) then
@@ -65,10 +69,8 @@ measure ``--modes`` at the balance rate and at a quarter of it. The last line is
 Start-up per mode (model, states, tracing and compiling two step functions) takes 30-70 s for
 ResNet-18 on a loaded core; the workers share a JAX persistent compilation cache
 (``--compile-cache``), which saves the XLA compilation in later runs but not the tracing. The
-train states are placed with ``jax.make_array_from_callback`` rather than
-:func:`pufferfish_jax.parallel.place_state`, whose ``device_put`` onto a multi-process sharding
-first all-gathers the whole state through the (rate-limited) link to check that the processes
-agree.
+train states are placed by :func:`pufferfish_jax.parallel.place_state`, as in training: each
+process hands over its own shards, with no all-gather through the (rate-limited) link.
 
 Keep other heavy jobs off the machine if you can: every gloo collective of a gradient leaf costs a
 few round trips, and a process that waits on the network gets its core back only at the
@@ -96,6 +98,7 @@ if __package__ in (None, "") and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script: make ``pufferfish_jax`` and ``experiments`` importable
 
 MODES = ("vanilla", "pufferfish", "vanilla+powersgd", "pufferfish+powersgd", "signum")
+EXTRA_MODES = ("vanilla+per-tensor", "pufferfish+per-tensor")
 SUBNET = "10.213.0"  # /24, only inside the namespaces and the bridge this script creates
 COORDINATOR_PORT = 12355
 RANK_RATIO = 0.25
@@ -131,9 +134,10 @@ def format_rate(bps: float) -> str:
 
 def modes_arg(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES + EXTRA_MODES]
     if bad or not modes:
-        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(bad) or text!r}; choose from {', '.join(MODES)}")
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(bad) or text!r}; "
+                                         f"choose from {', '.join(MODES + EXTRA_MODES)}")
     return list(dict.fromkeys(modes))
 
 
@@ -161,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per mode, the first compiles (default 2)")
     p.add_argument("--width", type=float, default=1.0, help="ResNet-18 channel width multiplier (default 1.0)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (default 128)")
-    p.add_argument("--modes", type=modes_arg, default=list(MODES), help=f"comma-separated subset of {','.join(MODES)} (default all)")
+    p.add_argument("--modes", type=modes_arg, default=list(MODES), help=f"comma-separated subset of {','.join(MODES + EXTRA_MODES)} (default {','.join(MODES)})")
     p.add_argument("--data", default=None, help="the CIFAR .npz (default $PUFFERFISH_DATA/cifar10_subset.npz, else <repo>/../shared/data/cifar10_subset.npz)")
     p.add_argument("--find-balance", action="store_true",
                    help="measure vanilla at --rate, derive the rate where its comm time = compute time, then (unless --no-verify) measure --modes there and at a quarter of it")
@@ -213,9 +217,9 @@ def worker(args: argparse.Namespace) -> None:
     from pufferfish_jax import distributed, factorize
     from pufferfish_jax.data.cifar import load_npz, train_batches
     from pufferfish_jax.models import cifar_resnet
-    from pufferfish_jax.parallel import DATA, data_mesh, global_batch
+    from pufferfish_jax.parallel import DATA, data_mesh, global_batch, place_state
     from pufferfish_jax.reducers import get_reducer, no_communication
-    from pufferfish_jax.train.state import init_state, split_model, state_specs
+    from pufferfish_jax.train.state import init_state, split_model
     from pufferfish_jax.train.steps import make_train_step
     from pufferfish_jax.train.tasks import image_classification
 
@@ -271,24 +275,7 @@ def worker(args: argparse.Namespace) -> None:
         key = (kind, reducer_key, tx_key)
         if key not in steps:
             steps[key] = make_train_step(train_def, loss_fn, tx, reducer, mesh)
-        return steps[key], place(init_state(params, rest, tx, reducer, n)), reducer
-
-    def place(state):
-        """``place_state`` without its cost here: ``device_put`` of host data onto a multi-process
-        sharding first checks that every process holds the same values (``assert_equal``, an
-        all-gather of the whole state through the rate-limited link). Every process built the same
-        state from the same seed, so each just hands over its own shards (fresh copies, which the
-        step may donate)."""
-        shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
-                                 is_leaf=lambda x: isinstance(x, P))
-
-        def put(sharding, subtree):
-            def one(x):
-                host = np.asarray(x)
-                return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.array(host[idx], copy=True))
-            return jax.tree.map(one, subtree)
-
-        return jax.tree.map(put, shardings, state, is_leaf=lambda x: isinstance(x, NamedSharding))
+        return steps[key], place_state(init_state(params, rest, tx, reducer, n), mesh), reducer
 
     def bench(mode: str) -> dict:
         kind = "pufferfish" if mode.startswith("pufferfish") else "vanilla"
@@ -296,6 +283,8 @@ def worker(args: argparse.Namespace) -> None:
             reducer_key = "powersgd:" + json.dumps({"rank": 4 if kind == "pufferfish" else 2})
         elif mode == "signum":
             reducer_key = "signum:" + json.dumps({"momentum": 0.9})
+        elif mode.endswith("+per-tensor"):
+            reducer_key = "allreduce-per-tensor"
         else:
             reducer_key = "allreduce"
         tx_key = "signum" if mode == "signum" else "sgd"
@@ -326,15 +315,35 @@ def worker(args: argparse.Namespace) -> None:
                     times[name].append(elapsed)
             if i == warmup - 1 and rank == 0:
                 _log(f"{mode}: {'warmed up' if compiled else 'compiled and warmed up'} in {time.perf_counter() - t0:.1f}s")
+        # The collective alone, on the same gradient shapes: if the step's communication overlapped
+        # its backward pass, step - compute would come out below this.
+        comm_only = jax.jit(jax.shard_map(
+            lambda g, rs: reducer.reduce(g, jax.tree.map(lambda x: x[0], rs), DATA)[0],
+            mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(), check_vma=False))
+        grads, reducer_state = full_state.params, full_state.reducer_state
+        jax.block_until_ready(comm_only(grads, reducer_state))
+        alone = []
+        for _ in range(min(3, args.steps)):
+            barrier()
+            start = time.perf_counter()
+            jax.block_until_ready(comm_only(grads, reducer_state))
+            barrier()
+            alone.append(time.perf_counter() - start)
         params = models[kind][1]
+        comm_alone = statistics.median(alone)
+        comm_paired = statistics.median(a - b for a, b in zip(times["step"], times["compute"]))
         out = {"step_s": statistics.median(times["step"]), "bytes_per_step": int(reducer.bytes_per_step(params)),
+               "comm_alone_s": comm_alone,
+               # 0: the step pays the whole collective on top of its compute; 1: fully hidden.
+               "overlap": max(0.0, 1.0 - comm_paired / comm_alone) if comm_alone > 0 else 0.0,
                "compute_s": statistics.median(times["compute"]),
                # Each real step is timed right before its compute-only twin, under the same load.
-               "comm_paired_s": statistics.median(a - b for a, b in zip(times["step"], times["compute"])),
+               "comm_paired_s": comm_paired,
                "step_times": times["step"],
                "compute_times": times["compute"], "params": int(sum(x.size for x in jax.tree.leaves(params)))}
         if rank == 0:
-            _log(f"{mode}: step {out['step_s']:.4f}s, compute {out['compute_s']:.4f}s, {out['bytes_per_step']:,} B/step")
+            _log(f"{mode}: step {out['step_s']:.4f}s, compute {out['compute_s']:.4f}s, collective alone "
+                 f"{comm_alone:.4f}s (overlap {out['overlap']:.2f}), {out['bytes_per_step']:,} B/step")
         del full_state, comp_state
         return out
 
@@ -564,10 +573,12 @@ def table(result: dict) -> str:
     modes = result["modes"]
     base = modes.get("vanilla", {}).get("step_s")
     lines = [f"rate {result['rate']}, {result['processes']} processes",
-             f"{'mode':22s}{'step s':>10s}{'compute s':>11s}{'comm s':>10s}{'bytes/step':>14s}{'speedup':>9s}"]
+             f"{'mode':22s}{'step s':>10s}{'compute s':>11s}{'comm s':>10s}{'alone s':>10s}{'overlap':>9s}"
+             f"{'bytes/step':>14s}{'speedup':>9s}"]
     for mode, r in modes.items():
         speedup = f"{base / r['step_s']:8.2f}x" if base else f"{'-':>9s}"
-        lines.append(f"{mode:22s}{r['step_s']:10.4f}{r['compute_s']:11.4f}{r['step_s'] - r['compute_s']:10.4f}"
+        alone = f"{r['comm_alone_s']:10.4f}{r['overlap']:9.2f}" if "comm_alone_s" in r else f"{'-':>10s}{'-':>9s}"
+        lines.append(f"{mode:22s}{r['step_s']:10.4f}{r['compute_s']:11.4f}{r['step_s'] - r['compute_s']:10.4f}{alone}"
                      f"{r['bytes_per_step']:14,d}{speedup}")
     return "\n".join(lines)
 
@@ -576,7 +587,10 @@ def summary(result: dict) -> dict:
     """The JSON shape of one run: rate, processes, and per mode step_s, bytes_per_step, compute_s."""
     return {"rate": result["rate"], "processes": result["processes"],
             "modes": {m: {"step_s": round(r["step_s"], 6), "bytes_per_step": r["bytes_per_step"],
-                          "compute_s": round(r["compute_s"], 6)} for m, r in result["modes"].items()}}
+                          "compute_s": round(r["compute_s"], 6),
+                          **({"comm_alone_s": round(r["comm_alone_s"], 6), "overlap": round(r["overlap"], 3)}
+                             if "comm_alone_s" in r else {})}
+                      for m, r in result["modes"].items()}}
 
 
 def balance_rate(probes: list[dict]) -> dict:
@@ -584,8 +598,8 @@ def balance_rate(probes: list[dict]) -> dict:
 
     Vanilla's comm time at each probe rate is the median over steps of ``step - compute`` of
     adjacent (interleaved) pairs, which cancels most of the load changes a shared machine adds.
-    From two rates R1 > R2 it fits ``comm(R) = latency + bits / R`` (a fixed per-step cost: one
-    gloo collective per gradient leaf, each a few round trips; plus the transfer) and solves
+    From two rates R1 > R2 it fits ``comm(R) = latency + bits / R`` (a fixed per-step cost: a few
+    round trips per gloo collective; plus the transfer) and solves
     ``comm(R) = compute`` (mean of the two compute medians): ``R = bits / (compute - latency)``.
     If noise makes the fit meaningless (``bits <= 0`` or ``latency`` outside ``[0, compute)``),
     it falls back to ``latency = 0`` at the lower rate, where the transfer dominates:

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         from pufferfish_jax.data import load_cifar10
 
         train, test = load_cifar10(args.data, args.data_dir, args.manual_dir, download=not args.no_download)
-        cfg, reducer, mesh = prepare_run(args, f"cifar-{args.arch}", identity(args, train, test))
+        cfg, reducer, mesh = prepare_run(args, "cifar", identity(args, train, test), run_name=f"cifar-{args.arch}")
     except (UsageError, DatasetError) as e:
         fail(str(e))
     s = run_training(experiment(args, train, test), cfg, reducer, mesh).summary

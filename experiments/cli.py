@@ -100,7 +100,7 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int, warmup_epochs:
     c.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
     c.add_argument("--no-resume", action="store_true", help="refuse to run on an --out-dir that holds checkpoints instead of resuming")
     g = p.add_argument_group("data parallelism")
-    g.add_argument("--reducer", default="allreduce", help="gradient reducer: allreduce, allreduce-flat, powersgd or signum")
+    g.add_argument("--reducer", default="allreduce", help="gradient reducer: allreduce (one flat buffer), allreduce-per-tensor, powersgd or signum")
     g.add_argument("--powersgd-rank", type=int, default=None, help="PowerSGD rank (default 2 for vanilla, 4 with Pufferfish)")
     g.add_argument("--signum-momentum", type=float, default=0.9, help="Signum's momentum (applied before the sign)")
     g.add_argument("--devices", type=int, default=None, help="split this host's CPU into N XLA devices (testing data parallelism)")
@@ -187,17 +187,17 @@ def print_dry_run(report: dict, rows: Sequence[tuple[str, str]]) -> dict:
     return report
 
 
-def default_out_dir(args: argparse.Namespace, task: str) -> str:
+def default_out_dir(args: argparse.Namespace, name: str) -> str:
     import time
 
-    return args.out_dir or os.path.join("runs", f"{task}-r{args.ranks:g}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args.out_dir or os.path.join("runs", f"{name}-r{args.ranks:g}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def prepare_run(args: argparse.Namespace, task: str, identity: dict):
+def prepare_run(args: argparse.Namespace, task: str, identity: dict, run_name: str | None = None):
     """Everything that can fail on the user's input, before anything is written: the output
-    directory, the devices and processes, the reducer and the run configuration.
-    Returns ``(cfg, reducer, mesh)``; raises :class:`UsageError`."""
-    args.out_dir = default_out_dir(args, task)
+    directory (default ``runs/<run_name or task>-r<ranks>-<time>``), the devices and processes,
+    the reducer and the run configuration. Returns ``(cfg, reducer, mesh)``; raises :class:`UsageError`."""
+    args.out_dir = default_out_dir(args, run_name or task)
     resuming = check_out_dir(args.out_dir, resume=not args.no_resume)
     from pufferfish_jax import distributed
     from pufferfish_jax.parallel import check_batch_divisible, data_mesh

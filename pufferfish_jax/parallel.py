@@ -28,12 +28,31 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def place_state(state: Any, mesh: Mesh) -> Any:
     """Puts a :class:`~pufferfish_jax.train.state.TrainState` on ``mesh``: replicated, except
-    the per-worker reducer state, sharded on its leading axis."""
+    the per-worker reducer state and the carry, sharded on their leading axis.
+
+    Every process must hold the same ``state`` (same seed, or the same replicated arrays). With
+    several processes each hands over only its own devices' shards: ``device_put`` of host data
+    onto a multi-process sharding would first check that all processes agree, an all-gather of
+    the whole state (seconds over a slow link, at the start and at the switch).
+    """
     from pufferfish_jax.train.state import state_specs
 
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
                              is_leaf=lambda x: isinstance(x, P))
-    return jax.device_put(state, shardings)
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings)
+
+    def put(sharding: NamedSharding, subtree: Any) -> Any:
+        def one(x: Any) -> jax.Array:
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global (e.g. the carry)
+                return jax.device_put(x, sharding)
+            host = np.asarray(x)
+            # Fresh copies: the step donates the state's buffers.
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.array(host[idx], copy=True))
+
+        return jax.tree.map(one, subtree)
+
+    return jax.tree.map(put, shardings, state, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

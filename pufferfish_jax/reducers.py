@@ -33,13 +33,16 @@ def tree_bytes(tree: PyTree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def all_reduce(flat: bool = False) -> Reducer:
+def all_reduce(flat: bool = True) -> Reducer:
     """Exact mean of the gradients across workers (the Pufferfish payload is simply this tree,
     made small by the factorization).
 
-    ``flat=False`` issues one ``pmean`` over the tree (XLA may still combine the per-tensor
-    all-reduces); ``flat=True`` concatenates every gradient into one buffer first and splits it
-    after, as the official code does. Both send the same bytes; see the README for which is faster.
+    ``flat=True`` (the default) concatenates every gradient into one buffer, all-reduces it once
+    and splits it after, as the official code does; ``flat=False`` issues one ``pmean`` over the
+    tree, which XLA:CPU sends as one collective per gradient tensor. Both send the same bytes, but
+    each collective also pays a few network round trips: with 2 processes at 70.6 Mbit/s the flat
+    all-reduce of Pufferfish ResNet-18's 76 gradient tensors took 1.68 s against 2.31 s per tensor
+    (vanilla: 6.13 s against 6.23 s). Neither overlapped the backward pass on CPU (see the README).
     """
 
     def reduce(grads: PyTree, state: PyTree, axis_name: str) -> tuple[PyTree, PyTree]:
@@ -53,7 +56,7 @@ def all_reduce(flat: bool = False) -> Reducer:
             offset += g.size
         return jax.tree.unflatten(treedef, out), state
 
-    return Reducer("allreduce-flat" if flat else "allreduce", lambda params: (), reduce, tree_bytes)
+    return Reducer("allreduce" if flat else "allreduce-per-tensor", lambda params: (), reduce, tree_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def signum(momentum: float = 0.9) -> Reducer:
     of the Pufferfish paper (Wang et al., MLSys 2021, §5)::
 
         m ← β m + (1 − β) g            # local momentum, β = ``momentum``
-        out ← sign(Σ_workers sign(m))  # majority vote; a tie gives 0
+        out ← sign(Σ_workers sign(m))  # majority vote; a tie gives 0; sign(0) counts as +1
 
     The momentum is Bernstein et al.'s exponential average; PyTorch-style ``m ← β m + g`` is the
     same average times ``1/(1 − β)`` (from ``m = 0``), so the signs, and the vote, are identical.
@@ -234,8 +237,10 @@ def signum(momentum: float = 0.9) -> Reducer:
     Bernstein et al.'s code adds to ``g`` before the momentum); the trainer is unchanged, so
     choose ``tx`` accordingly.
 
-    ``bytes_per_step``: one bit per entry, ``Σ ceil(size / 8)`` over the leaves. (The simulated
-    collective itself sums the signs in the gradient dtype; the count is the ideal payload.)
+    On the wire each worker sends one bit per entry: the signs of all leaves are packed into one
+    uint8 buffer (``jnp.packbits``) and all-gathered, and every worker counts the votes itself.
+    ``bytes_per_step`` is that buffer, ``ceil(Σ size / 8)``. (An all-gather, not an all-reduce:
+    summing votes needs more than one bit per entry, so the sum is taken after the exchange.)
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"Signum momentum must be in [0, 1), got {momentum!r}")
@@ -245,11 +250,20 @@ def signum(momentum: float = 0.9) -> Reducer:
 
     def reduce(grads: PyTree, state: SignumState, axis_name: str) -> tuple[PyTree, SignumState]:
         new_momentum = jax.tree.map(lambda m, g: momentum * m + (1.0 - momentum) * g, state.momentum, grads)
-        votes = jax.lax.psum(jax.tree.map(jnp.sign, new_momentum), axis_name)
-        return jax.tree.map(jnp.sign, votes), SignumState(new_momentum)
+        leaves, treedef = jax.tree.flatten(new_momentum)
+        positive = jnp.concatenate([(m >= 0).reshape(-1) for m in leaves])
+        packed = jnp.packbits(positive)  # 1 bit per entry, zero-padded to whole bytes
+        gathered = jax.lax.all_gather(packed, axis_name)  # (workers, bytes)
+        bits = jnp.unpackbits(gathered, axis=1, count=positive.size)
+        votes = jnp.sign(jnp.sum(2 * bits.astype(jnp.int32) - 1, axis=0))
+        out, offset = [], 0
+        for m in leaves:
+            out.append(votes[offset:offset + m.size].reshape(m.shape).astype(m.dtype))
+            offset += m.size
+        return jax.tree.unflatten(treedef, out), SignumState(new_momentum)
 
     def bytes_per_step(params: PyTree) -> int:
-        return sum(-(-math.prod(x.shape) // 8) for x in jax.tree.leaves(params))
+        return -(-sum(math.prod(x.shape) for x in jax.tree.leaves(params)) // 8)
 
     return Reducer("signum", init, reduce, bytes_per_step)
 
@@ -260,7 +274,7 @@ def signum(momentum: float = 0.9) -> Reducer:
 
 REDUCERS: dict[str, Callable[..., Reducer]] = {
     "allreduce": all_reduce,
-    "allreduce-flat": lambda: all_reduce(flat=True),
+    "allreduce-per-tensor": lambda: all_reduce(flat=False),
     "powersgd": powersgd,
     "signum": signum,
 }

@@ -71,18 +71,19 @@ def test_tiny_run_reports_json_and_tears_down(tmp_path, cifar_npz):
     try:
         proc = subprocess.run(
             [sys.executable, "-m", MODULE, "--width", "0.0625", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-             "--modes", "pufferfish", "--rate", "1gbit", "--prefix", prefix, "--data", str(cifar_npz),
+             "--modes", "pufferfish,signum", "--rate", "1gbit", "--prefix", prefix, "--data", str(cifar_npz),
              "--compile-cache", str(tmp_path / "cache"), "--timeout", "240"],
             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert set(result) == {"rate", "processes", "modes"}
         assert result["rate"] == "1gbit" and result["processes"] == 2
-        assert set(result["modes"]) == {"pufferfish"}
-        r = result["modes"]["pufferfish"]
-        assert set(r) == {"step_s", "bytes_per_step", "compute_s"}
-        assert r["step_s"] > 0 and r["compute_s"] > 0
-        assert isinstance(r["bytes_per_step"], int) and r["bytes_per_step"] > 0
+        assert set(result["modes"]) == {"pufferfish", "signum"}  # signum: a packed-bit all-gather over gloo
+        for r in result["modes"].values():
+            assert set(r) == {"step_s", "bytes_per_step", "compute_s", "comm_alone_s", "overlap"}
+            assert r["step_s"] > 0 and r["compute_s"] > 0 and r["comm_alone_s"] > 0 and 0 <= r["overlap"] <= 1
+            assert isinstance(r["bytes_per_step"], int) and r["bytes_per_step"] > 0
+        assert result["modes"]["signum"]["bytes_per_step"] < result["modes"]["pufferfish"]["bytes_per_step"] / 8
         assert "pufferfish" in proc.stdout and "speedup" in proc.stdout  # the table
         assert _remaining(prefix) == []
     finally:

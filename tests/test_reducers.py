@@ -197,13 +197,18 @@ def vote(grads: np.ndarray, momentum: float = 0.0, state: np.ndarray | None = No
 
 
 def test_signum_majority_vote():
-    # Columns: (+,+,−) → +; (−,−,+) → −; (+,+,+) → +; (+,−,0) → tie → 0.
+    # Columns: (+,+,−) → +; (−,−,+) → −; (+,+,+) → +; (+,−,0) → + (one bit: 0 is sent as +).
     three = np.array([[0.5, -2.0, 1.0, 3.0], [4.0, -0.1, 2.0, -1.0], [-9.0, 7.0, 3.0, 0.0]], np.float32)
     out, _ = vote(three)
     for w in range(3):
-        np.testing.assert_array_equal(out[w], [1.0, -1.0, 1.0, 0.0])
-    out, _ = vote(np.array([[2.0], [-5.0]], np.float32))  # two workers (+,−) → 0
-    np.testing.assert_array_equal(out, [[0.0], [0.0]])
+        np.testing.assert_array_equal(out[w], [1.0, -1.0, 1.0, 1.0])
+    out, _ = vote(np.array([[2.0, -1.0], [-5.0, -3.0]], np.float32))  # two workers: (+,−) ties → 0; (−,−) → −
+    np.testing.assert_array_equal(out, [[0.0, -1.0], [0.0, -1.0]])
+    # More entries than one byte holds, not a multiple of 8: the packing pads and unpacks exactly.
+    rng = np.random.default_rng(0)
+    many = rng.standard_normal((3, 21)).astype(np.float32)
+    out, _ = vote(many)
+    np.testing.assert_array_equal(out[1], np.sign(np.sign(many).sum(0)))
 
 
 def test_signum_momentum():
@@ -212,7 +217,7 @@ def test_signum_momentum():
     g = np.array([[-5.0, -10.0, 1.0], [-5.0, -10.0, 3.0], [-5.0, -10.0, -4.0]], np.float32)
     out, m1 = vote(g, beta, m0)
     close(m1, beta * m0 + (1 - beta) * g)  # 0.4, -0.1, ...
-    expected = np.sign(np.sign(beta * m0 + (1 - beta) * g).sum(0))
+    expected = np.sign(np.where(beta * m0 + (1 - beta) * g >= 0, 1, -1).sum(0))
     np.testing.assert_array_equal(out[0], expected)
     np.testing.assert_array_equal(out[0][:2], [1.0, -1.0])  # momentum outvotes the gradient's sign in col 0
     assert isinstance(signum().init(params_like()), SignumState)
@@ -232,8 +237,9 @@ def test_bytes_per_step_from_shapes():
     assert powersgd(rank=2).bytes_per_step(params) == 4 * 212
     # rank 3: tall 3·23 = 69 ≥ 60 and wide 3·14 = 42 ≥ 40 go uncompressed: 132 + 66 + 60 + 40 + 6.
     assert powersgd(rank=3).bytes_per_step(params) == 4 * 304
-    # 1 bit per entry, per tensor rounded up to bytes: 36 + 12 + 1 + 8 + 5.
+    # 1 bit per entry, all tensors in one buffer rounded up to bytes: ceil(490 / 8).
     assert signum().bytes_per_step(params) == 62
+    assert signum().bytes_per_step({"a": jnp.zeros((3,)), "b": jnp.zeros((5,))}) == 1  # not 1 + 1 bytes per tensor
 
 
 def test_get_reducer():
@@ -297,7 +303,7 @@ def check_shard_map() -> None:
         m = (1 - beta) * grads[k]
         close(state.momentum[k], m)
         for w in range(4):
-            np.testing.assert_array_equal(out[k][w], np.sign(np.sign(m).sum(0)))
+            np.testing.assert_array_equal(out[k][w], np.sign(np.where(m >= 0, 1, -1).sum(0)))
 
     # Through the project's train step: full-rank PowerSGD trains exactly like the all-reduce.
     def loss_fn(model, batch, carry):
@@ -344,7 +350,7 @@ def test_flat_all_reduce_equals_tree_all_reduce():
     grads = {"w": jnp.arange(24.0).reshape(3, 2, 4), "b": jnp.arange(5.0)}
     stacked = jax.tree.map(lambda g: jnp.stack([g, 2 * g, -g]), grads)  # 3 simulated workers
     run = lambda r: jax.vmap(functools.partial(r.reduce, state=(), axis_name="w"), axis_name="w")(stacked)[0]
-    tree, flat = run(all_reduce()), run(all_reduce(flat=True))
+    tree, flat = run(all_reduce(flat=False)), run(all_reduce())
     for k in grads:
         np.testing.assert_allclose(flat[k], tree[k], rtol=1e-6)
         np.testing.assert_allclose(tree[k][0], (2 / 3) * grads[k], rtol=1e-6)
