@@ -42,6 +42,12 @@ speedup would be at most ``1 / ((1 - f) + f / mac_ratio)`` with ``f`` the ``conv
 share of the vanilla step. The measured ``conv/dot`` speedup is printed beside it; it is
 usually below the MAC ratio (a rank-``r`` 3×3 conv plus a 1×1 conv is two thin ops).
 
+ImageNet models (``--arch resnet50`` / ``wrn50_2``) use :func:`experiments.imagenet.experiment`
+(label smoothing, no weight decay on 1-D parameters) on real CIFAR images upscaled to
+``--image-size`` (default 224). ``--dtypes float32 bfloat16`` builds vanilla and Pufferfish in
+each compute dtype and interleaves all four steps (``by_dtype`` in the JSON: images/s, speedups,
+and ``<model>_vs_float32``, the paired per-round ratio of float32 time to bf16 time).
+
 A table goes to stdout, then as the last line one JSON object (``vanilla_ms``,
 ``pufferfish_ms``, ``speedup``, ``transition_s``, ``xla_flags``, ``jax_version``, ``width``,
 ``batch_size``, ``arch``, …).
@@ -78,7 +84,13 @@ MAC_PRIMITIVES = ("conv_general_dilated", "dot_general")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", help="resnet18 or vgg19 (default resnet18)")
+    p.add_argument("--arch", default="resnet18",
+                   help="resnet18 or vgg19 (CIFAR, 32x32), resnet50 or wrn50_2 (ImageNet, --image-size) (default resnet18)")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+                   help="compute dtypes, timed side by side (e.g. float32 bfloat16); --profile covers the first "
+                        "(default float32)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="input size of the ImageNet models: real CIFAR images upscaled (default 224)")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0 = 64..512 channels)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model, interleaved (default 20)")
@@ -106,7 +118,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--width must be positive")
     if not 0 < args.ranks <= 1:
         p.error("--ranks must be in (0, 1]")
+    if args.image_size < 32:
+        p.error("--image-size must be at least 32")
+    if len(set(args.dtypes)) != len(args.dtypes):
+        p.error("--dtypes must not repeat a dtype")
     return args
+
+
+IMAGENET = ("resnet50", "wrn50_2")
+
+
+def image_size(args: argparse.Namespace) -> int:
+    return args.image_size if args.arch in IMAGENET else 32
+
+
+def runner_names(dtype: str, first: str) -> tuple[str, str]:
+    """Runner names: ``vanilla``/``pufferfish`` for the first dtype, ``vanilla_bf16``/... for others."""
+    suffix = "" if dtype == first else "_" + {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    return "vanilla" + suffix, "pufferfish" + suffix
 
 
 def data_path(args: argparse.Namespace) -> str:
@@ -116,8 +145,9 @@ def data_path(args: argparse.Namespace) -> str:
     return os.path.join(folder, "cifar10_subset.npz")
 
 
-def real_batch(path: str, batch_size: int, seed: int):
-    """``batch_size`` real training images (a seeded random pick, so all classes appear)."""
+def real_batch(path: str, batch_size: int, seed: int, size: int = 32):
+    """``batch_size`` real training images (a seeded random pick, so all classes appear),
+    upscaled (bilinear) to ``size``² when that is not 32."""
     import numpy as np
 
     from pufferfish_jax.data.cifar import load_npz
@@ -125,7 +155,31 @@ def real_batch(path: str, batch_size: int, seed: int):
     train, _ = load_npz(path)
     idx = np.random.default_rng(seed).permutation(len(train))
     idx = np.resize(idx, batch_size)  # repeats images only if the file has fewer than batch_size
-    return {"image": train.images[idx], "label": train.labels[idx]}
+    images = train.images[idx]
+    if size != images.shape[1]:
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+    return {"image": images, "label": train.labels[idx]}
+
+
+def make_experiment(args: argparse.Namespace, dtype: str):
+    """The training command's own Experiment (model, loss, tx) for ``args.arch`` in ``dtype``; data unused."""
+    common = ["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
+              "--ranks", str(args.ranks), "--seed", str(args.seed), "--dtype", dtype]
+    if args.arch in IMAGENET:
+        from types import SimpleNamespace
+
+        from experiments import imagenet
+
+        iargs = imagenet.parse_args(common + ["--image-size", str(args.image_size)])
+        imagenet.validate(iargs)
+        return imagenet.experiment(iargs, SimpleNamespace(num_classes=1000, train=None, validation=None))
+    from experiments import cifar
+
+    cargs = cifar.parse_args(common)
+    cifar.validate(cargs)
+    return cifar.experiment(cargs, None, None)
 
 
 def _median(xs):
@@ -270,49 +324,52 @@ def amdahl(fraction: float, factor: float) -> float:
 
 
 class Setup:
-    """The experiment, both compiled steps (warmed up), and what building them measured."""
+    """The experiment, the compiled steps of vanilla and Pufferfish per dtype (warmed up), and
+    what building them measured."""
 
     def __init__(self, args: argparse.Namespace):
         import jax
         from flax import nnx
 
-        from experiments import cifar
         from pufferfish_jax import count_macs, factorize
         from pufferfish_jax.parallel import check_batch_divisible, data_mesh, global_batch
         from pufferfish_jax.reducers import all_reduce
 
-        cargs = cifar.parse_args(["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
-                                  "--ranks", str(args.ranks), "--seed", str(args.seed)])
-        cifar.validate(cargs)
-        exp = cifar.experiment(cargs, None, None)  # same model, loss and tx as training; data unused
-        tx, reducer, mesh = exp.make_tx(), all_reduce(), data_mesh()
+        reducer, mesh, size = all_reduce(), data_mesh(), image_size(args)
         check_batch_divisible(args.batch_size, mesh)
-        batch = global_batch(real_batch(data_path(args), args.batch_size, args.seed), mesh)
-        lr = exp.schedule(0, 0, [])
-
-        vanilla = exp.build_model(nnx.Rngs(args.seed))
-        jax.block_until_ready(nnx.state(vanilla))
-        macs_v = count_macs(vanilla, (1, 32, 32, 3))
-        puffer = exp.build_model(nnx.Rngs(args.seed))
-        jax.block_until_ready(nnx.state(puffer))
-        t0 = time.perf_counter()
-        if args.transition_models:  # the switch itself: compiles its SVD program, timed below once compiled
-            layers = factorize(puffer, args.ranks, exp.keep_full_rank)
-        else:  # step timing does not depend on the weights' values; skip the SVD compilation
-            layers = factorize(puffer, args.ranks, exp.keep_full_rank, init="random", rngs=nnx.Rngs(args.seed + 1))
-        jax.block_until_ready(nnx.state(puffer))
-        first_transition_s = time.perf_counter() - t0 if args.transition_models else None
-        macs_p = count_macs(puffer, (1, 32, 32, 3))
-        runners = [Runner("vanilla", vanilla, exp, tx, reducer, mesh, batch, lr),
-                   Runner("pufferfish", puffer, exp, tx, reducer, mesh, batch, lr)]
-        del vanilla, puffer
-        print(f"first call (compile + 1 step): vanilla {runners[0].compile_s:.1f}s, pufferfish {runners[1].compile_s:.1f}s "
-              f"({len(layers)} layers factorized)", file=sys.stderr)
+        batch = global_batch(real_batch(data_path(args), args.batch_size, args.seed, size), mesh)
+        runners, first_transition_s, self.macs = [], None, {}
+        for k, dtype in enumerate(args.dtypes):
+            exp = make_experiment(args, dtype)
+            tx, lr = exp.make_tx(), exp.schedule(0, 0, [])
+            vanilla = exp.build_model(nnx.Rngs(args.seed))
+            jax.block_until_ready(nnx.state(vanilla))
+            puffer = exp.build_model(nnx.Rngs(args.seed))
+            jax.block_until_ready(nnx.state(puffer))
+            t0 = time.perf_counter()
+            if args.transition_models and k == 0:  # the switch itself: compiles its SVD program, timed below once compiled
+                layers = factorize(puffer, args.ranks, exp.keep_full_rank)
+            else:  # step timing does not depend on the weights' values; skip the SVD compilation
+                layers = factorize(puffer, args.ranks, exp.keep_full_rank, init="random", rngs=nnx.Rngs(args.seed + 1))
+            jax.block_until_ready(nnx.state(puffer))
+            if k == 0:
+                first_transition_s = time.perf_counter() - t0 if args.transition_models else None
+                self.exp, self.layers = exp, layers
+                self.macs = {"vanilla": count_macs(vanilla, (1, size, size, 3)),
+                             "pufferfish": count_macs(puffer, (1, size, size, 3))}
+            names = runner_names(dtype, args.dtypes[0])
+            pair = [Runner(names[0], vanilla, exp, tx, reducer, mesh, batch, lr),
+                    Runner(names[1], puffer, exp, tx, reducer, mesh, batch, lr)]
+            for r in pair:
+                r.dtype = dtype
+            del vanilla, puffer
+            print(f"{dtype}: first call (compile + 1 step): vanilla {pair[0].compile_s:.1f}s, pufferfish "
+                  f"{pair[1].compile_s:.1f}s ({len(layers)} layers factorized)", file=sys.stderr)
+            runners += pair
         for _ in range(args.warmup):
             for r in runners:
                 r.run()
-        self.exp, self.runners, self.layers = exp, runners, layers
-        self.first_transition_s, self.macs = first_transition_s, {"vanilla": macs_v, "pufferfish": macs_p}
+        self.runners, self.first_transition_s = runners, first_transition_s
 
     def check_finite(self) -> None:
         for r in self.runners:
@@ -349,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()[0]
     setup = Setup(args)
     runners, macs_v, macs_p = setup.runners, setup.macs["vanilla"], setup.macs["pufferfish"]
+    first_pair = runners[:2]
     first_transition_s = setup.first_transition_s
     times = {r.name: [] for r in runners}
     for _ in range(args.steps):
@@ -357,9 +415,21 @@ def main(argv: list[str] | None = None) -> dict:
     setup.check_finite()
     transitions = setup.time_transition(args)
 
-    v_ms, p_ms = (1e3 * _median(times[r.name]) for r in runners)
+    v_ms, p_ms = (1e3 * _median(times[r.name]) for r in first_pair)
+    by_dtype = {}
+    for dtype in args.dtypes:
+        v, p = (r for r in runners if r.dtype == dtype)
+        v_med, p_med = _median(times[v.name]), _median(times[p.name])
+        by_dtype[dtype] = {"vanilla_ms": round(1e3 * v_med, 2), "pufferfish_ms": round(1e3 * p_med, 2),
+                           "vanilla_img_s": round(args.batch_size / v_med, 2),
+                           "pufferfish_img_s": round(args.batch_size / p_med, 2),
+                           "speedup": round(v_med / p_med, 4),
+                           # paired: the two steps of one round ran back to back
+                           "speedup_paired": round(_median([a / b for a, b in zip(times[v.name], times[p.name])]), 4),
+                           "final_loss": {"vanilla": v.last_loss, "pufferfish": p.last_loss}}
     result = {
         "arch": args.arch, "width": args.width, "batch_size": args.batch_size, "ranks": args.ranks,
+        "image_size": image_size(args), "dtypes": args.dtypes, "by_dtype": by_dtype,
         "steps": args.steps,
         "vanilla_ms": round(v_ms, 2), "pufferfish_ms": round(p_ms, 2), "speedup": round(v_ms / p_ms, 4),
         "vanilla_iqr_ms": [round(1e3 * q, 2) for q in _quartiles(times["vanilla"])],
@@ -376,19 +446,31 @@ def main(argv: list[str] | None = None) -> dict:
         "backend": jax.default_backend(), "devices": jax.device_count(), "cpu_count": os.cpu_count(),
     }
 
-    print(f"{args.arch} width {args.width:g}, batch {args.batch_size}, ranks {args.ranks:g}, "
-          f"{args.steps} interleaved steps, jax {jax.__version__}, XLA_FLAGS={result['xla_flags']!r}")
-    print(f"{'':14s}{'median ms':>11s}{'p25 ms':>9s}{'p75 ms':>9s}{'img/s':>8s}{'params':>12s}{'MACs/img':>14s}")
+    if len(args.dtypes) > 1:
+        ref = args.dtypes[0]
+        for dtype in args.dtypes[1:]:
+            for model in ("vanilla", "pufferfish"):
+                a, b = (next(r for r in runners if r.dtype == d and r.name.startswith(model)) for d in (ref, dtype))
+                by_dtype[dtype][f"{model}_vs_{ref}"] = round(_median([x / y for x, y in zip(times[a.name], times[b.name])]), 4)
+    print(f"{args.arch} width {args.width:g}, {image_size(args)}x{image_size(args)}, batch {args.batch_size}, "
+          f"ranks {args.ranks:g}, {args.steps} interleaved steps, jax {jax.__version__}, "
+          f"XLA_FLAGS={result['xla_flags']!r}")
+    print(f"{'':16s}{'median ms':>11s}{'p25 ms':>9s}{'p75 ms':>9s}{'img/s':>8s}{'params':>12s}{'MACs/img':>14s}")
     for r in runners:
         med, (q1, q3) = _median(times[r.name]), _quartiles(times[r.name])
-        print(f"{r.name:14s}{1e3 * med:>11.1f}{1e3 * q1:>9.1f}{1e3 * q3:>9.1f}{args.batch_size / med:>8.0f}"
-              f"{r.params_count:>12,d}{result['macs_per_example'][r.name]:>14,d}")
+        macs = result["macs_per_example"][r.name.split("_")[0]]
+        print(f"{r.name:16s}{1e3 * med:>11.1f}{1e3 * q1:>9.1f}{1e3 * q3:>9.1f}{args.batch_size / med:>8.1f}"
+              f"{r.params_count:>12,d}{macs:>14,d}")
     transition = (f"transition {result['transition_s']}s (first, compiling: {first_transition_s:.2f}s)"
                   if transitions else "transition not timed")
     print(f"speedup (vanilla/pufferfish) {result['speedup']:.3f}x   MAC ratio {result['mac_ratio']:.2f}x   {transition}")
 
+    for dtype, row in by_dtype.items():
+        extra = "".join(f", {k} {v:.3f}x" for k, v in row.items() if k.endswith(f"_vs_{args.dtypes[0]}"))
+        print(f"{dtype}: images/s vanilla {row['vanilla_img_s']:.1f}, pufferfish {row['pufferfish_img_s']:.1f}, "
+              f"speedup {row['speedup']:.3f}x (paired {row['speedup_paired']:.3f}x){extra}")
     if args.profile:
-        result["profile"] = profile(args, runners, result)
+        result["profile"] = profile(args, first_pair, result)
     result["loadavg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result))
     return result
@@ -484,6 +566,7 @@ def compare(args: argparse.Namespace) -> dict:
 
     specs = [_spec(t) for t in args.compare]
     forward = ["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
+               "--image-size", str(args.image_size), "--dtypes", args.dtypes[0],
                "--warmup", str(args.warmup), "--ranks", str(args.ranks), "--seed", str(args.seed),
                "--transition-models", "0", "--worker"] + (["--data", args.data] if args.data else [])
     load_start = os.getloadavg()[0]
