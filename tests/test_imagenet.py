@@ -371,3 +371,13 @@ def test_end_to_end_bf16_warmup_transition_low_rank(tmp_path, image_tree):
         assert np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) and 0 <= r["val_accuracy"] <= 1
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["label_smoothing"] == 0.1 and config["milestones"] == [30, 60, 80]
+
+
+def test_bench_input_reports_images_per_second(tmp_path):
+    proc = run_module("experiments.bench_input", "--images", "8", "--min-size", "64", "--max-size", "96",
+                      "--image-size", "32", "--batch-size", "4", "--threads", "1", "2", "--repeats", "1",
+                      "--work-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tree"]["images"] == 8 and result["per_worker"]["train_img_s"] > 0
+    assert result["per_worker"]["eval_img_s"] > 0 and set(result["threads"]) == {"1", "2"}
