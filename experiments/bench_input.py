@@ -82,7 +82,8 @@ def write_tree(args: argparse.Namespace, root: str) -> dict:
     names = [f"class{c}" for c in range(10)]
     paths = imagenet.write_image_folder(root, train.images[idx], train.labels[idx], names, sizes=sizes)
     vidx = rng.permutation(len(test))[:20]
-    imagenet.write_image_folder(root, test.images[vidx], test.labels[vidx], names, split="val", sizes=sizes[: len(vidx)])
+    imagenet.write_image_folder(root, test.images[vidx], test.labels[vidx], names, split="val",
+                                sizes=rng.integers(args.min_size, args.max_size + 1, size=(len(vidx), 2)))
     return {"images": len(paths), "mean_jpeg_bytes": int(np.mean([os.path.getsize(p) for p in paths])),
             "mean_pixels": int(np.mean(sizes[:, 0] * sizes[:, 1]))}
 
