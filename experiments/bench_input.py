@@ -81,7 +81,7 @@ def write_tree(args: argparse.Namespace, root: str) -> dict:
     sizes = rng.integers(args.min_size, args.max_size + 1, size=(len(idx), 2))
     names = [f"class{c}" for c in range(10)]
     paths = imagenet.write_image_folder(root, train.images[idx], train.labels[idx], names, sizes=sizes)
-    vidx = rng.permutation(len(test))[:20]
+    vidx = rng.permutation(np.flatnonzero(np.isin(test.labels, train.labels[idx])))[:20]  # classes train has
     imagenet.write_image_folder(root, test.images[vidx], test.labels[vidx], names, split="val",
                                 sizes=rng.integers(args.min_size, args.max_size + 1, size=(len(vidx), 2)))
     return {"images": len(paths), "mean_jpeg_bytes": int(np.mean([os.path.getsize(p) for p in paths])),
