@@ -1,11 +1,10 @@
 """Greedy and beam-search decoding for the encoder–decoder Transformer, and corpus BLEU.
 
-Both searches are one compiled ``while_loop`` each with static shapes: the target buffer has
-a fixed length ``max_len`` and every step re-runs the decoder over the whole buffer (no key/value
-cache), reading the logits at the current position. The causal mask makes the positions after
-it irrelevant, so this equals incremental decoding; it costs ``O(max_len)`` positions per step,
-which is why :func:`translate` sizes ``max_len`` per batch from the source length. The loop stops
-early once every hypothesis has produced EOS.
+Both searches are one compiled ``while_loop`` each with static shapes (``max_len`` target
+positions): the encoder runs once, each decoder layer keeps a key/value cache of its
+self-attention (``Transformer.decode_step``) plus the keys/values of the memory, so a step costs
+one position. The loop stops early once every hypothesis has produced EOS; :func:`translate`
+sizes ``max_len`` per batch from the source length.
 
 Beam search keeps ``beam_size`` hypotheses per sentence; a finished hypothesis is frozen (it can
 only be extended by PAD at zero cost), and the answer is the hypothesis with the best
@@ -30,25 +29,24 @@ def _greedy(graphdef: nnx.GraphDef, state: nnx.State, src: jax.Array, *, max_len
     model = nnx.merge(graphdef, state)
     memory, mask = model.encode(src)
     b = src.shape[0]
-    inp = jnp.full((b, max_len), PAD, jnp.int32).at[:, 0].set(BOS)
+    cache = model.init_cache(memory, max_len)
     out = jnp.full((b, max_len), PAD, jnp.int32)
 
     def cond(carry):
-        t, _, _, _, finished = carry
+        t, *_, finished = carry
         return (t < max_len) & ~jnp.all(finished)
 
     def body(carry):
-        t, inp, out, logprob, finished = carry
-        logits = jax.lax.dynamic_index_in_dim(model.decode(inp, memory, mask), t, axis=1, keepdims=False)
+        t, last, cache, out, logprob, finished = carry
+        logits, cache = model.decode_step(last, t, cache, mask)
         logp = jax.nn.log_softmax(logits, axis=-1)
         tok = jnp.where(finished, PAD, jnp.argmax(logp, axis=-1).astype(jnp.int32))
         logprob = logprob + jnp.where(finished, 0.0, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0])
-        out = out.at[:, t].set(tok)
-        inp = jnp.where(t + 1 < max_len, inp.at[:, jnp.minimum(t + 1, max_len - 1)].set(tok), inp)
-        return t + 1, inp, out, logprob, finished | (tok == EOS)
+        return t + 1, tok, cache, out.at[:, t].set(tok), logprob, finished | (tok == EOS)
 
-    init = (jnp.int32(0), inp, out, jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool))
-    _, _, out, logprob, _ = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(0), jnp.full((b,), BOS, jnp.int32), cache, out, jnp.zeros((b,), jnp.float32),
+            jnp.zeros((b,), bool))
+    *_, out, logprob, _ = jax.lax.while_loop(cond, body, init)
     return out, logprob
 
 
@@ -59,36 +57,36 @@ def _beam(graphdef: nnx.GraphDef, state: nnx.State, src: jax.Array, *, max_len: 
     b, k = src.shape[0], beam_size
     memory, mask = model.encode(src)
     memory, mask = jnp.repeat(memory, k, axis=0), jnp.repeat(mask, k, axis=0)  # row i*k + j: sentence i, beam j
-    inp = jnp.full((b, k, max_len), PAD, jnp.int32).at[:, :, 0].set(BOS)
+    cache = model.init_cache(memory, max_len)
     out = jnp.full((b, k, max_len), PAD, jnp.int32)
     # Only beam 0 is live at the start, so the first step does not pick k copies of one token.
     scores = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None], (b, 1))
-    finished = jnp.zeros((b, k), bool)
-    lengths = jnp.zeros((b, k), jnp.int32)
 
     def cond(carry):
         t, *_, finished, _ = carry
         return (t < max_len) & ~jnp.all(finished)
 
     def body(carry):
-        t, inp, out, scores, finished, lengths = carry
-        logits = model.decode(inp.reshape(b * k, max_len), memory, mask)
-        logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False).reshape(b, k, -1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        t, last, cache, out, scores, finished, lengths = carry
+        logits, cache = model.decode_step(last.reshape(b * k), t, cache, mask)
+        logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, -1)
         vocab = logp.shape[-1]
         frozen = jnp.where(jnp.arange(vocab) == PAD, 0.0, -jnp.inf)  # a finished beam only "emits" PAD, for free
         logp = jnp.where(finished[..., None], frozen, logp)
         top, idx = jax.lax.top_k((scores[..., None] + logp).reshape(b, k * vocab), k)
         parent, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
         pick = lambda x: jnp.take_along_axis(x, parent.reshape(b, k, *([1] * (x.ndim - 2))), axis=1)  # noqa: E731
-        inp, out, was_finished, lengths = pick(inp), pick(out), pick(finished), pick(lengths)
+        # Reorder the self-attention caches to follow each survivor's parent (the memory's are shared).
+        by_beam = lambda x: pick(x.reshape(b, k, *x.shape[1:])).reshape(x.shape)  # noqa: E731
+        cache = [{**c, "k": by_beam(c["k"]), "v": by_beam(c["v"])} for c in cache]
+        out, was_finished, lengths = pick(out), pick(finished), pick(lengths)
         out = out.at[:, :, t].set(tok)
-        inp = jnp.where(t + 1 < max_len, inp.at[:, :, jnp.minimum(t + 1, max_len - 1)].set(tok), inp)
         lengths = lengths + (~was_finished).astype(jnp.int32)
-        return t + 1, inp, out, top, was_finished | (tok == EOS), lengths
+        return t + 1, tok, cache, out, top, was_finished | (tok == EOS), lengths
 
-    init = (jnp.int32(0), inp, out, scores, finished, lengths)
-    _, _, out, scores, _, lengths = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(0), jnp.full((b, k), BOS, jnp.int32), cache, out, scores, jnp.zeros((b, k), bool),
+            jnp.zeros((b, k), jnp.int32))
+    *_, out, scores, _, lengths = jax.lax.while_loop(cond, body, init)
     ranked = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty if length_penalty else scores
     best = jnp.argmax(ranked, axis=1)
     take = lambda x: jnp.take_along_axis(x, best.reshape(b, *([1] * (x.ndim - 1))), axis=1)[:, 0]  # noqa: E731

@@ -82,10 +82,20 @@ class MultiHeadAttention(nnx.Module):
         self.query, self.key, self.value, self.out = proj(), proj(), proj(), proj()
         self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
 
+    def _split(self, t: jax.Array) -> jax.Array:
+        return t.reshape(*t.shape[:-1], self.heads, self.head_dim)
+
+    def keys_values(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values ``(B, Lk, H, head_dim)`` of ``memory`` (cached once per sentence when decoding)."""
+        return self._split(self.key(memory)), self._split(self.value(memory))
+
     def __call__(self, x: jax.Array, memory: jax.Array, mask: jax.Array) -> jax.Array:
         """``x`` ``(B, Lq, d)`` attends to ``memory`` ``(B, Lk, d)``; ``mask`` broadcasts to ``(B, H, Lq, Lk)``."""
-        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)  # noqa: E731
-        q, k, v = split(self.query(x)), split(self.key(memory)), split(self.value(memory))
+        return self.attend(x, *self.keys_values(memory), mask)
+
+    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attention of the queries of ``x`` over given keys and values (see :meth:`keys_values`)."""
+        q = self._split(self.query(x))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q / math.sqrt(self.head_dim), k)
         logits = jnp.where(mask, logits, jnp.asarray(NEG_INF, logits.dtype))
         probs = self.attn_dropout(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
@@ -138,8 +148,14 @@ class DecoderLayer(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, memory: jax.Array, self_mask: jax.Array, memory_mask: jax.Array) -> jax.Array:
-        x = self.norm1(x + self.dropout(self.self_attn(x, x, self_mask)))
-        x = self.norm2(x + self.dropout(self.cross_attn(x, memory, memory_mask)))
+        return self.step(x, self.self_attn.keys_values(x), self.cross_attn.keys_values(memory), self_mask, memory_mask)
+
+    def step(self, x: jax.Array, self_kv: tuple[jax.Array, jax.Array], memory_kv: tuple[jax.Array, jax.Array],
+             self_mask: jax.Array, memory_mask: jax.Array) -> jax.Array:
+        """The layer on queries ``x`` with given self-attention and memory keys/values (the
+        incremental decoder passes its cache; the full decoder those of ``x`` and the memory)."""
+        x = self.norm1(x + self.dropout(self.self_attn.attend(x, *self_kv, self_mask)))
+        x = self.norm2(x + self.dropout(self.cross_attn.attend(x, *memory_kv, memory_mask)))
         return self.norm3(x + self.dropout(self.ffn(x)))
 
 
@@ -151,9 +167,15 @@ class Stack(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.layers = nnx.List(layers)
 
-    def embed(self, embedded: jax.Array) -> jax.Array:
+    def embed(self, embedded: jax.Array, position: jax.Array | None = None, max_len: int = 0) -> jax.Array:
+        """Adds sinusoidal positions ``0..L-1`` to ``embedded`` ``(B, L, d)``, or, for one decoding
+        step (``L = 1``), position ``position`` of a table of ``max_len`` rows."""
         length, d_model = embedded.shape[-2:]
-        positions = jnp.asarray(sinusoid_table(length, d_model), embedded.dtype)
+        if position is None:
+            positions = jnp.asarray(sinusoid_table(length, d_model), embedded.dtype)
+        else:
+            table = jnp.asarray(sinusoid_table(max_len, d_model), embedded.dtype)
+            positions = jax.lax.dynamic_slice_in_dim(table, position, 1)
         return self.input_norm(self.dropout(embedded + positions))
 
 
@@ -207,6 +229,34 @@ class Transformer(nnx.Module):
     def __call__(self, src: jax.Array, tgt_in: jax.Array) -> jax.Array:
         memory, mask = self.encode(src)
         return self.decode(tgt_in, memory, mask)
+
+    def init_cache(self, memory: jax.Array, max_len: int) -> list[dict[str, jax.Array]]:
+        """Per decoder layer: the memory's keys/values (computed once) and empty self-attention
+        key/value buffers ``(B, max_len, H, head_dim)`` for :meth:`decode_step`."""
+        cache = []
+        for layer in self.decoder.layers:
+            mk, mv = layer.cross_attn.keys_values(memory)
+            empty = jnp.zeros((memory.shape[0], max_len, *mk.shape[2:]), mk.dtype)
+            cache.append({"memory_k": mk, "memory_v": mv, "k": empty, "v": empty})
+        return cache
+
+    def decode_step(self, token: jax.Array, position: jax.Array, cache: list[dict[str, jax.Array]],
+                    memory_mask: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """Logits ``(B, vocab)`` for the token after ``token`` ``(B,)`` at ``position``, and the
+        cache with this position's keys/values written: equal to :meth:`decode` at ``position``
+        of the sequence fed so far, at ``O(1)`` positions per step instead of ``O(max_len)``."""
+        max_len = cache[0]["k"].shape[1]
+        x = self.decoder.embed(self.embedding(token[:, None]), position, max_len)
+        visible = (jnp.arange(max_len) <= position)[None, None, None, :]
+        new_cache = []
+        for layer, c in zip(self.decoder.layers, cache):
+            k, v = layer.self_attn.keys_values(x)
+            k = jax.lax.dynamic_update_slice_in_dim(c["k"], k.astype(c["k"].dtype), position, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(c["v"], v.astype(c["v"].dtype), position, axis=1)
+            x = layer.step(x, (k, v), (c["memory_k"], c["memory_v"]), visible, memory_mask)
+            new_cache.append({**c, "k": k, "v": v})
+        logits = self.embedding.attend(x[:, 0]).astype(jnp.float32) * self.d_model ** -0.5
+        return logits, new_cache
 
 
 def transformer(vocab_size: int, *, d_model: int = 512, heads: int = 8, d_ff: int = 2048, layers: int = 6,
