@@ -259,6 +259,10 @@ def factorize(
     layers = plan(model, rank_ratio, keep_full_rank, overrides)
     if not layers:
         return layers
+    if any(layer.path == "" for layer in layers):
+        raise ValueError(f"factorize replaces layers inside a model in place, so it cannot replace the model itself "
+                         f"(a bare {type(model).__name__}); build the low-rank layer directly "
+                         "(e.g. LowRankLinear) or wrap it in a module")
     sites = [_locate(model, layer.path) for layer in layers]
     olds = [_get_child(parent, key) for parent, key in sites]
 

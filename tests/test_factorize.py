@@ -385,6 +385,13 @@ def test_factorize_twice_on_a_low_rank_layer_as_model_root():
     assert plan(layer, 0.5) == []
 
 
+def test_a_bare_layer_is_refused_with_a_clear_error():
+    layer = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="cannot replace the model itself .*bare Linear"):
+        factorize(layer, 0.25)
+    assert type(layer) is nnx.Linear and layer.kernel.shape == (64, 64)
+
+
 def test_random_init_same_structure_without_svd(monkeypatch):
     svd_model, rand_model = tiny_resnet(), tiny_resnet()
     svd_layers = factorize(svd_model, 0.25, cifar_resnet.KEEP_FULL_RANK)
