@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
 from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, default_out_dir, fail,
                              prepare_run, print_dry_run, run_training, validate_run_args)
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--decode-batch-size", type=int, default=64, help="sentences decoded at once")
     d.add_argument("--bleu-sentences", type=int, default=None,
                    help="translate only the first N test sentences (quick runs; default all 1,000)")
+    p.add_argument("--bench-steps", type=int, default=None,
+                   help="instead of training: time N train steps of the vanilla and the Pufferfish model on one real "
+                   "batch (--batch-size longest-first training pairs), interleaved, and print their medians")
     return p.parse_args(argv)
 
 
@@ -112,6 +117,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr-mul must be a positive number, got {args.lr_mul}")
     if not (math.isfinite(args.length_penalty) and args.length_penalty >= 0):
         raise UsageError(f"--length-penalty must be a number ≥ 0, got {args.length_penalty}")
+    if args.bench_steps is not None and args.bench_steps < 1:
+        raise UsageError(f"--bench-steps must be at least 1, got {args.bench_steps}")
     if args.bleu_sentences is not None and args.bleu_sentences < 1:
         raise UsageError(f"--bleu-sentences must be at least 1, got {args.bleu_sentences}")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
@@ -258,6 +265,58 @@ def evaluate_bleu(args: argparse.Namespace, model, tok, test_pairs) -> dict:
     return out
 
 
+def bench_steps(args: argparse.Namespace, vocab_size: int, train) -> dict:
+    """Median wall time of the project's train step (``make_train_step``, exact all-reduce) for the
+    vanilla model and its Pufferfish form (SVD of the same weights), on one fixed batch of the
+    ``--batch-size`` longest training pairs, timed interleaved so that load from other processes
+    hits both alike."""
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pufferfish_jax import count_params, factorize
+    from pufferfish_jax.data import translation as data
+    from pufferfish_jax.models.transformer import KEEP_FULL_RANK
+    from pufferfish_jax.parallel import data_mesh, global_batch, place_state
+    from pufferfish_jax.reducers import all_reduce
+    from pufferfish_jax.train.state import init_state, split_model
+    from pufferfish_jax.train.steps import make_train_step
+
+    mesh, reducer = data_mesh(), all_reduce()
+    longest = np.argsort(-train.lengths(), kind="stable")[: args.batch_size]
+    batch = data._batch(train, longest, data.padded_length(int(train.lengths()[longest].max()), args.pad_multiple))
+    batch = global_batch(batch, mesh)
+    exp = experiment(args, vocab_size, train, train, train)
+    tx, lr = exp.make_tx(), jnp.asarray(1e-4, jnp.float32)
+    runners = {}
+    for name in ("vanilla", "pufferfish"):
+        model = build_model(args, vocab_size, nnx.Rngs(args.seed))
+        if name == "pufferfish":
+            factorize(model, args.ranks, KEEP_FULL_RANK, init="svd")
+        graphdef, _, params, rest = split_model(model)
+        state = place_state(init_state(params, rest, tx, reducer, mesh.size), mesh)
+        runners[name] = [make_train_step(graphdef, exp.loss_fn, tx, reducer, mesh), state, count_params(model), []]
+    for i in range(args.bench_steps + 2):  # 2 untimed rounds: compilation and one more
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            r[1], metrics = r[0](r[1], batch, lr)
+            jax.block_until_ready((r[1], metrics))
+            if i >= 2:
+                r[3].append(time.perf_counter() - t0)
+    report = {"task": TASK, "bench_steps": args.bench_steps, "batch_size": args.batch_size,
+              "tokens": int(np.asarray(batch["tgt_out"] != data.PAD).sum()), "padded_length": int(batch["src"].shape[1])}
+    for name, r in runners.items():
+        report[f"{name}_ms"] = 1000 * statistics.median(r[3])
+        report[f"params_{name}"] = r[2]
+    report["speedup"] = report["vanilla_ms"] / report["pufferfish_ms"]
+    print(f"train step, {args.batch_size} sentences x {report['padded_length']} tokens: vanilla "
+          f"{report['vanilla_ms']:.1f} ms, Pufferfish {report['pufferfish_ms']:.1f} ms ({report['speedup']:.2f}x)")
+    print(json.dumps(report))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
@@ -268,6 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.out_dir = default_out_dir(args, TASK)
         from pufferfish_jax.data.translation import text_digest
 
+        if args.bench_steps is not None:
+            args.out_dir = os.devnull  # nothing is written
+            splits, tok, train, _, _ = load_data(args)
+            return bench_steps(args, tok.vocab_size, train)
         splits, tok, train, val, test = load_data(args)
         identity = {"d_model": args.d_model, "heads": args.heads, "d_ff": args.d_ff, "layers": args.layers,
                     "vocab_size": tok.vocab_size, "tokenizer": tok.digest, "max_len": args.max_len,

@@ -467,6 +467,7 @@ def test_end_to_end_warmup_switch_bleu(tmp_path):
     (["--batch-size", "40000"], "larger than"),
     (["--tokenizer", "/nonexistent.model"], "does not exist"),
     (["--dropout", "1.5"], "--dropout"),
+    (["--bench-steps", "0"], "--bench-steps"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, flags, message):
     from experiments.translation import main
