@@ -99,10 +99,6 @@ def identity(args: argparse.Namespace, train, test) -> dict:
     return {"arch": args.arch, "width": args.width, "dataset": dataset_id(train, test)}
 
 
-def dtype_kwargs(args: argparse.Namespace) -> dict:
-    return {} if args.dtype == "float32" else {"dtype": compute_dtype(args)}
-
-
 def experiment(args: argparse.Namespace, train, test):
     """The CIFAR :class:`Experiment`: model, hybrid list, loss, SGD, multistep schedule, data."""
     import optax
@@ -115,9 +111,9 @@ def experiment(args: argparse.Namespace, train, test):
 
     spec = get_spec(args.arch)
     return Experiment(
-        build_model=lambda rngs: spec.build(width=args.width, rngs=rngs, **dtype_kwargs(args)),
+        build_model=lambda rngs: spec.build(width=args.width, dtype=compute_dtype(args), rngs=rngs),
         keep_full_rank=spec.keep_full_rank,
-        loss_fn=image_classification(),
+        loss_fn=image_classification(dtype=compute_dtype(args)),
         # PyTorch SGD: weight decay added to the gradient, then heavy-ball momentum; lr applied by the step.
         # Signum's momentum lives in the reducer (before the sign), so the step applies the vote directly.
         make_tx=lambda: optax.chain(optax.add_decayed_weights(args.weight_decay),
