@@ -200,7 +200,7 @@ def experiment(args: argparse.Namespace, vocab_size: int, train, val, test):
     from pufferfish_jax.train.tasks import translation
     from pufferfish_jax.train.trainer import Experiment
 
-    eval_batch = lambda n: max(args.batch_size, 128) // n * n  # noqa: E731
+    eval_batch = lambda n: args.batch_size  # noqa: E731  (divisible by the devices, as the training batch)
     return Experiment(
         build_model=lambda rngs: build_model(args, vocab_size, rngs),
         keep_full_rank=KEEP_FULL_RANK,
