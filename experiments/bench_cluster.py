@@ -335,7 +335,7 @@ def worker(args: argparse.Namespace) -> None:
         out = {"step_s": statistics.median(times["step"]), "bytes_per_step": int(reducer.bytes_per_step(params)),
                "comm_alone_s": comm_alone,
                # 0: the step pays the whole collective on top of its compute; 1: fully hidden.
-               "overlap": max(0.0, 1.0 - comm_paired / comm_alone) if comm_alone > 0 else 0.0,
+               "overlap": min(1.0, max(0.0, 1.0 - comm_paired / comm_alone)) if comm_alone > 0 else 0.0,
                "compute_s": statistics.median(times["compute"]),
                # Each real step is timed right before its compute-only twin, under the same load.
                "comm_paired_s": comm_paired,

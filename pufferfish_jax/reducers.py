@@ -33,6 +33,20 @@ def tree_bytes(tree: PyTree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def pmean_flat(arrays: list[jax.Array], axis_name: str) -> list[jax.Array]:
+    """The mean across workers of every array in ``arrays`` as ONE collective: concatenated into
+    one fp32 buffer, all-reduced, split back. Each collective costs a few network round trips
+    (gloo on CPU: one per array for a list), which dominates once the payload is small."""
+    if not arrays:
+        return []
+    buffer = jax.lax.pmean(jnp.concatenate([a.reshape(-1).astype(jnp.float32) for a in arrays]), axis_name)
+    out, offset = [], 0
+    for a in arrays:
+        out.append(buffer[offset:offset + a.size].reshape(a.shape).astype(a.dtype))
+        offset += a.size
+    return out
+
+
 def all_reduce(flat: bool = True) -> Reducer:
     """Exact mean of the gradients across workers (the Pufferfish payload is simply this tree,
     made small by the factorization).
@@ -49,12 +63,7 @@ def all_reduce(flat: bool = True) -> Reducer:
         if not flat:
             return jax.lax.pmean(grads, axis_name), state
         leaves, treedef = jax.tree.flatten(grads)
-        buffer = jax.lax.pmean(jnp.concatenate([g.reshape(-1).astype(jnp.float32) for g in leaves]), axis_name)
-        out, offset = [], 0
-        for g in leaves:
-            out.append(buffer[offset:offset + g.size].reshape(g.shape).astype(g.dtype))
-            offset += g.size
-        return jax.tree.unflatten(treedef, out), state
+        return jax.tree.unflatten(treedef, pmean_flat(leaves, axis_name)), state
 
     return Reducer("allreduce" if flat else "allreduce-per-tensor", lambda params: (), reduce, tree_bytes)
 
@@ -184,12 +193,13 @@ def powersgd(rank: int = 2, min_compression_rate: float = 1.0, seed: int = 0) ->
             raise ValueError(f"PowerSGD state has {len(state.query)} entries for {len(leaves)} gradient leaves")
         compressed = [i for i, q in enumerate(state.query) if q is not None]
         matrices = {i: (leaves[i] + state.error[i]).reshape(-1, leaves[i].shape[-1]) for i in compressed}
-        # Round 1: every P and every uncompressed leaf in one all-reduce.
+        # Round 1: every P and every uncompressed leaf in one all-reduce (one flat buffer, as
+        # Vogels et al.'s implementation: per-matrix collectives would cost round trips each).
         sent = [_dot(matrices[i], state.query[i]) if i in matrices else g for i, g in enumerate(leaves)]
-        received = jax.lax.pmean(sent, axis_name)
+        received = pmean_flat(sent, axis_name)
         p = {i: _orthonormal_columns(received[i]) for i in compressed}
-        # Round 2: every Q.
-        q = dict(zip(compressed, jax.lax.pmean([_dot(matrices[i].T, p[i]) for i in compressed], axis_name)))
+        # Round 2: every Q, one flat buffer too.
+        q = dict(zip(compressed, pmean_flat([_dot(matrices[i].T, p[i]) for i in compressed], axis_name)))
         out, query, error = list(received), list(state.query), list(state.error)
         for i in compressed:
             approx = _dot(p[i], q[i].T)
