@@ -455,12 +455,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.arch} width {args.width:g}, {image_size(args)}x{image_size(args)}, batch {args.batch_size}, "
           f"ranks {args.ranks:g}, {args.steps} interleaved steps, jax {jax.__version__}, "
           f"XLA_FLAGS={result['xla_flags']!r}")
-    print(f"{'':16s}{'median ms':>11s}{'p25 ms':>9s}{'p75 ms':>9s}{'img/s':>8s}{'params':>12s}{'MACs/img':>14s}")
+    print(f"{'':16s}{'median ms':>11s}{'p25 ms':>9s}{'p75 ms':>9s}{'img/s':>8s}{'params':>12s}{'MACs/img':>16s}")
     for r in runners:
         med, (q1, q3) = _median(times[r.name]), _quartiles(times[r.name])
         macs = result["macs_per_example"][r.name.split("_")[0]]
         print(f"{r.name:16s}{1e3 * med:>11.1f}{1e3 * q1:>9.1f}{1e3 * q3:>9.1f}{args.batch_size / med:>8.1f}"
-              f"{r.params_count:>12,d}{macs:>14,d}")
+              f"{r.params_count:>12,d}{macs:>16,d}")
     transition = (f"transition {result['transition_s']}s (first, compiling: {first_transition_s:.2f}s)"
                   if transitions else "transition not timed")
     print(f"speedup (vanilla/pufferfish) {result['speedup']:.3f}x   MAC ratio {result['mac_ratio']:.2f}x   {transition}")
