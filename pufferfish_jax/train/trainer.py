@@ -219,12 +219,16 @@ def evaluate(phase: _Phase, state: TrainState, exp: Experiment, mesh,
     the carry (if any) threaded through its batches in order."""
     sums: dict[str, Any] = {}
     carry = None
-    for batch in (data or exp.eval_data)(jax.process_index(), jax.process_count()):
+    for i, batch in enumerate((data or exp.eval_data)(jax.process_index(), jax.process_count())):
         batch = global_batch(batch, mesh)
         if carry is None:  # sized by the evaluation batch, which may differ from training's
             carry = initial_carry(exp, next(iter(batch.values())).shape[0], mesh)
         out, carry = phase.eval_step(state.params, state.rest, batch, carry)
         sums = out if not sums else jax.tree.map(jnp.add, sums, out)
+        if i % CHECK_EVERY == CHECK_EVERY - 1:
+            # Bounded queue: hundreds of enqueued multi-device steps make jaxlib 0.10's CPU
+            # collectives time out in their rendezvous (seen with the LM's 263 eval batches).
+            jax.block_until_ready(sums)
     return _finish(jax.device_get(sums), exp)
 
 
