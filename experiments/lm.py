@@ -24,11 +24,10 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
 from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, fail, prepare_run, print_dry_run,
-                             run_training, validate_run_args)
+                             report_done, run_training, validate_run_args)
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
 PAPER_VOCAB = 33_278  # WikiText-2, the paper's corpus
@@ -121,34 +120,6 @@ def dry_run(args: argparse.Namespace) -> dict:
     return print_dry_run(report, (("params", "trainable params"), ("grad_bytes", "grad bytes / step")))
 
 
-def plateau_schedule(base_lr: float, eval_name: str = "val", switch_factor: float = 0.5, plateau_factor: float = 0.25):
-    """The official LM schedule as ``schedule(epoch, step, history) -> lr``.
-
-    ``base_lr``, times ``switch_factor`` from the epoch the model was factorized on (a
-    transition record that split at least one layer; a vanilla ``--ranks 1.0`` run is not
-    halved, like the official run without warm-up), times ``plateau_factor`` for every finished
-    epoch whose ``<eval_name>_loss`` did not beat the best before it. Everything comes from the
-    history, so a resumed run continues with exactly the same rate.
-    """
-    key = f"{eval_name}_loss"
-
-    def schedule(epoch: int, step: int = 0, history: Sequence[dict[str, Any]] = ()) -> float:
-        lr, best = base_lr, None
-        for record in history:
-            if record.get("event") == "transition":
-                if record.get("factorized_layers", 0) > 0 and record["epoch"] <= epoch:
-                    lr *= switch_factor
-            elif key in record and record["epoch"] <= epoch:  # epoch records count finished epochs from 1
-                loss = record[key]
-                if best is None or loss < best:
-                    best = loss
-                else:
-                    lr *= plateau_factor
-        return lr
-
-    return schedule
-
-
 def perplexity(metrics: dict[str, float]) -> dict[str, float]:
     loss = metrics["loss"]
     return {"perplexity": math.exp(loss) if loss < 700 else float("inf")}
@@ -160,6 +131,7 @@ def experiment(args: argparse.Namespace, corpus):
 
     from pufferfish_jax.data.text import batchify, bptt_batches
     from pufferfish_jax.models.lstm_lm import KEEP_FULL_RANK, zero_carry
+    from pufferfish_jax.train.schedules import plateau
     from pufferfish_jax.train.tasks import language_model
     from pufferfish_jax.train.trainer import Experiment
 
@@ -171,7 +143,7 @@ def experiment(args: argparse.Namespace, corpus):
         loss_fn=language_model(),
         # Plain SGD: clip the (reduced) gradient's global norm; the step subtracts lr · update.
         make_tx=lambda: optax.clip_by_global_norm(args.clip),
-        schedule=plateau_schedule(args.lr, "val"),
+        schedule=plateau(args.lr, "val"),
         train_data=lambda epoch, i, n: bptt_batches(columns["train"], args.bptt, i, n),
         eval_data=lambda i, n: bptt_batches(columns["valid"], args.bptt, i, n),
         init_carry=lambda batch: zero_carry(batch, args.nhid, args.nlayers),
@@ -261,12 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (UsageError, DatasetError) as e:
         fail(str(e))
     s = run_training(experiment(args, corpus), cfg, reducer, mesh).summary
-    print(f"done: LSTM {args.emsize}/{args.nhid} on {args.dataset}, ranks {args.ranks:g}, {s['epochs']} epochs "
-          f"({s['warmup_epochs']} warm-up): val perplexity {s.get('val_perplexity', float('nan')):.2f}, "
-          f"test perplexity {s.get('test_perplexity', float('nan')):.2f}, "
-          f"params {s['params_vanilla']:,} -> {s['params_final']:,}, {s['total_s']:.0f}s; logs in {args.out_dir}")
-    print(json.dumps(s))
-    return s
+    return report_done(args, f"LSTM {args.emsize}/{args.nhid} on {args.dataset},",
+                       f"val perplexity {s.get('val_perplexity', float('nan')):.2f}, "
+                       f"test perplexity {s.get('test_perplexity', float('nan')):.2f}", s)
 
 
 if __name__ == "__main__":

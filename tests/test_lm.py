@@ -274,9 +274,9 @@ def test_batchify_and_bptt_chunks(ptb):
 
 
 def test_plateau_schedule_from_history():
-    from experiments.lm import plateau_schedule
+    from pufferfish_jax.train.schedules import plateau
 
-    schedule = plateau_schedule(20.0, "val")
+    schedule = plateau(20.0, "val")
     history = [
         {"epoch": 1, "val_loss": 6.0}, {"epoch": 2, "val_loss": 5.0},
         {"event": "transition", "epoch": 2, "step": 10, "factorized_layers": 16},
