@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
-from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, fail, prepare_run, print_dry_run, run_training,
+from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, fail, prepare_run, print_dry_run, report_done,
+                             run_training,
                              validate_run_args)
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (UsageError, DatasetError) as e:
         fail(str(e))
     s = run_training(experiment(args, train, test), cfg, reducer, mesh).summary
-    print(f"done: {args.arch} ranks {args.ranks:g}, {s['epochs']} epochs "
-          f"({s['warmup_epochs']} warm-up): test accuracy {s.get('test_accuracy', float('nan')):.4f}, "
-          f"params {s['params_vanilla']:,} -> {s['params_final']:,}, {s['total_s']:.0f}s; logs in {args.out_dir}")
-    print(json.dumps(s))
-    return s
+    return report_done(args, args.arch, f"test accuracy {s.get('test_accuracy', float('nan')):.4f}", s)
 
 
 if __name__ == "__main__":

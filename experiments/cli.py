@@ -187,6 +187,18 @@ def print_dry_run(report: dict, rows: Sequence[tuple[str, str]]) -> dict:
     return report
 
 
+def report_done(args: argparse.Namespace, what: str, results: str, summary: dict) -> dict:
+    """The closing line every command prints (what ran, its results, parameters, time, where
+    the logs are), then the summary as one JSON line; returns the summary."""
+    import json
+
+    s = summary
+    print(f"done: {what} ranks {args.ranks:g}, {s['epochs']} epochs ({s['warmup_epochs']} warm-up): {results}, "
+          f"params {s['params_vanilla']:,} -> {s['params_final']:,}, {s['total_s']:.0f}s; logs in {args.out_dir}")
+    print(json.dumps(s))
+    return s
+
+
 def default_out_dir(args: argparse.Namespace, name: str) -> str:
     import time
 

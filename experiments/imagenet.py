@@ -25,7 +25,7 @@ import sys
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
 from experiments.cli import (ArgumentParser, UsageError, add_run_args, check_out_dir, compute_dtype, default_out_dir,
-                             fail, prepare_run, print_dry_run, run_training, validate_run_args)
+                             fail, prepare_run, print_dry_run, report_done, run_training, validate_run_args)
 from pufferfish_jax.data.tfds_common import DatasetError
 
 # The official figures (ptflops, GMACs at 224×224) the dry run is compared with; see README.
@@ -206,11 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (UsageError, DatasetError) as e:
         fail(str(e))
     s = run_training(experiment(args, data), cfg, reducer, mesh).summary
-    print(f"done: {args.arch} ranks {args.ranks:g} {args.dtype}, {s['epochs']} epochs "
-          f"({s['warmup_epochs']} warm-up): val accuracy {s.get('val_accuracy', float('nan')):.4f}, "
-          f"params {s['params_vanilla']:,} -> {s['params_final']:,}, {s['total_s']:.0f}s; logs in {args.out_dir}")
-    print(json.dumps(s))
-    return s
+    return report_done(args, f"{args.arch} {args.dtype}", f"val accuracy {s.get('val_accuracy', float('nan')):.4f}", s)
 
 
 if __name__ == "__main__":

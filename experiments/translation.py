@@ -41,7 +41,7 @@ import numpy as np
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
 from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, default_out_dir, fail,
-                             prepare_run, print_dry_run, run_training, validate_run_args)
+                             prepare_run, print_dry_run, report_done, run_training, validate_run_args)
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,12 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(s, f, indent=2)
-    print(f"done: transformer ranks {args.ranks:g}, {s['epochs']} epochs ({s['warmup_epochs']} warm-up): "
-          f"test BLEU greedy {s['bleu_greedy']:.2f}, beam-{args.beam_size} {s['bleu_beam']:.2f}, "
-          f"test perplexity {s.get('test_perplexity', float('nan')):.2f}, "
-          f"params {s['params_vanilla']:,} -> {s['params_final']:,}, {s['total_s']:.0f}s; logs in {args.out_dir}")
-    print(json.dumps(s))
-    return s
+    return report_done(args, "transformer", f"test BLEU greedy {s['bleu_greedy']:.2f}, beam-{args.beam_size} "
+                       f"{s['bleu_beam']:.2f}, test perplexity {s.get('test_perplexity', float('nan')):.2f}", s)
 
 
 if __name__ == "__main__":
