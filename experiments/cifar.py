@@ -54,7 +54,7 @@ def validate(args: argparse.Namespace) -> None:
 def dry_run(args: argparse.Namespace) -> dict:
     from flax import nnx
 
-    from pufferfish_jax import count_macs, count_params, plan
+    from pufferfish_jax import count_macs, count_params, low_rank_init, plan
     from pufferfish_jax.models import get_spec
 
     spec = get_spec(args.arch)
@@ -62,7 +62,8 @@ def dry_run(args: argparse.Namespace) -> dict:
     layers = plan(model, args.ranks, spec.keep_full_rank)
     vanilla = count_params(model)
     macs_vanilla = count_macs(model, (1, 32, 32, 3))
-    low = nnx.eval_shape(lambda: _factorized(spec, args))
+    low = nnx.eval_shape(lambda: low_rank_init(lambda: spec.build(width=args.width, rngs=nnx.Rngs(0)), args.ranks,
+                                               spec.keep_full_rank))
     report = {
         "arch": args.arch, "rank_ratio": args.ranks, "width": args.width,
         "params_vanilla": vanilla, "params_pufferfish": count_params(low),
@@ -73,16 +74,6 @@ def dry_run(args: argparse.Namespace) -> dict:
     print_dry_run(report, (("params", "trainable params"), ("macs", "MACs / example"), ("grad_bytes", "grad bytes / step")))
     print(f"factorized layers: {len(layers)} ({', '.join(l.path for l in layers)})", file=sys.stderr)
     return report
-
-
-def _factorized(spec, args):
-    from flax import nnx
-
-    from pufferfish_jax import factorize
-
-    m = spec.build(width=args.width, rngs=nnx.Rngs(0))
-    factorize(m, args.ranks, spec.keep_full_rank, init="random")
-    return m
 
 
 def dataset_id(train, test) -> str:

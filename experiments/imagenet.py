@@ -98,19 +98,14 @@ def dry_run(args: argparse.Namespace) -> dict:
     """Parameters, MACs per image at ``--image-size`` and gradient bytes, vanilla vs Pufferfish."""
     from flax import nnx
 
-    from pufferfish_jax import count_macs, count_params, factorize, plan
+    from pufferfish_jax import count_macs, count_params, low_rank_init, plan
     from pufferfish_jax.models import IMAGENET_ARCHS
 
     spec, classes, shape = IMAGENET_ARCHS[args.arch], num_classes(args), (1, args.image_size, args.image_size, 3)
     model = nnx.eval_shape(lambda: build_model(args, classes, nnx.Rngs(0)))
     layers = plan(model, args.ranks, spec.keep_full_rank)
-
-    def low_rank():
-        m = build_model(args, classes, nnx.Rngs(0))
-        factorize(m, args.ranks, spec.keep_full_rank, init="random")
-        return m
-
-    low = nnx.eval_shape(low_rank)
+    low = nnx.eval_shape(lambda: low_rank_init(lambda: build_model(args, classes, nnx.Rngs(0)), args.ranks,
+                                               spec.keep_full_rank))
     vanilla, puffer = count_params(model), count_params(low)
     report = {
         "arch": args.arch, "rank_ratio": args.ranks, "width": args.width, "image_size": args.image_size,

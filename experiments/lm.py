@@ -97,19 +97,14 @@ def build(args: argparse.Namespace, vocab_size: int, rngs):
 def dry_run(args: argparse.Namespace) -> dict:
     from flax import nnx
 
-    from pufferfish_jax import count_params, factorize, plan
+    from pufferfish_jax import count_params, low_rank_init, plan
     from pufferfish_jax.models.lstm_lm import KEEP_FULL_RANK
 
     vocab = args.vocab_size or PAPER_VOCAB
     model = nnx.eval_shape(lambda: build(args, vocab, nnx.Rngs(0)))
     layers = plan(model, args.ranks, KEEP_FULL_RANK)
-
-    def factorized():
-        m = build(args, vocab, nnx.Rngs(0))
-        factorize(m, args.ranks, KEEP_FULL_RANK, init="random")
-        return m
-
-    vanilla, low = count_params(model), count_params(nnx.eval_shape(factorized))
+    factorized = nnx.eval_shape(lambda: low_rank_init(lambda: build(args, vocab, nnx.Rngs(0)), args.ranks, KEEP_FULL_RANK))
+    vanilla, low = count_params(model), count_params(factorized)
     report = {
         "model": "lstm", "vocab_size": vocab, "emsize": args.emsize, "nhid": args.nhid, "nlayers": args.nlayers,
         "rank_ratio": args.ranks, "params_vanilla": vanilla, "params_pufferfish": low,

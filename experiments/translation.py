@@ -138,18 +138,14 @@ def dry_run(args: argparse.Namespace) -> dict:
     """Parameters and gradient bytes of the vanilla and the Pufferfish model, built abstractly (no data)."""
     from flax import nnx
 
-    from pufferfish_jax import count_params, factorize, plan
+    from pufferfish_jax import count_params, low_rank_init, plan
     from pufferfish_jax.models.transformer import KEEP_FULL_RANK
 
     model = nnx.eval_shape(lambda: build_model(args, args.vocab_size, nnx.Rngs(0)))
     layers = plan(model, args.ranks, KEEP_FULL_RANK)
-
-    def low_rank():
-        m = build_model(args, args.vocab_size, nnx.Rngs(0))
-        factorize(m, args.ranks, KEEP_FULL_RANK, init="random")
-        return m
-
-    vanilla, pufferfish = count_params(model), count_params(nnx.eval_shape(low_rank))
+    low = nnx.eval_shape(lambda: low_rank_init(lambda: build_model(args, args.vocab_size, nnx.Rngs(0)), args.ranks,
+                                               KEEP_FULL_RANK))
+    vanilla, pufferfish = count_params(model), count_params(low)
     report = {
         "task": TASK, "rank_ratio": args.ranks, "vocab_size": args.vocab_size, "d_model": args.d_model,
         "heads": args.heads, "d_ff": args.d_ff, "layers": args.layers,
