@@ -196,7 +196,6 @@ def experiment(args: argparse.Namespace, vocab_size: int, train, val, test):
     from pufferfish_jax.train.tasks import translation
     from pufferfish_jax.train.trainer import Experiment
 
-    eval_batch = lambda n: args.batch_size  # noqa: E731  (divisible by the devices, as the training batch)
     return Experiment(
         build_model=lambda rngs: build_model(args, vocab_size, rngs),
         keep_full_rank=KEEP_FULL_RANK,
@@ -206,9 +205,10 @@ def experiment(args: argparse.Namespace, vocab_size: int, train, val, test):
                                        restart_at_switch=not args.continue_schedule),
         train_data=lambda epoch, i, n: data.train_batches(train, args.batch_size, args.seed, epoch, i, n,
                                                                  pad_multiple=args.pad_multiple),
-        eval_data=lambda i, n: data.eval_batches(val, eval_batch(n), i, n, pad_multiple=args.pad_multiple),
+        # Evaluation batches are as large as training's, so they divide over the same devices.
+        eval_data=lambda i, n: data.eval_batches(val, args.batch_size, i, n, pad_multiple=args.pad_multiple),
         eval_name="val",
-        test_data=lambda i, n: data.eval_batches(test, eval_batch(n), i, n, pad_multiple=args.pad_multiple),
+        test_data=lambda i, n: data.eval_batches(test, args.batch_size, i, n, pad_multiple=args.pad_multiple),
         derived_metrics=lambda m: {"perplexity": math.exp(min(m["loss"], 50.0))},
     )
 
