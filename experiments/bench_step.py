@@ -65,6 +65,7 @@ configuration. Separate runs one after the other are not comparable on a shared 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -101,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also time the step's pieces alone (fwd+bwd, conv/dot, optimizer) and print the Amdahl bound")
     p.add_argument("--profile-steps", type=int, default=3, help="interleaved rounds of the --profile timing (default 3)")
+    p.add_argument("--trace", action="store_true",
+                   help="also trace --profile-steps steps of each model with jax.profiler and print the time of the "
+                        "step's fused (non-convolution) kernels by kind: transposes, YNNPACK, other fusions")
     p.add_argument("--data", default=None,
                    help="path of the .npz (default $PUFFERFISH_DATA/cifar10_subset.npz, else ../shared/data/cifar10_subset.npz)")
     p.add_argument("--seed", type=int, default=0)
@@ -245,9 +249,12 @@ class Runner:
         import jax.numpy as jnp
         from flax import nnx
 
-        graphdef, loss_fn, tx = self.graphdef, self.loss_fn, self.tx
+        from pufferfish_jax import runtime
 
-        @jax.jit
+        graphdef, loss_fn, tx = self.graphdef, self.loss_fn, self.tx
+        options = runtime.train_step_options(jax.default_backend())  # compiled like the step itself
+
+        @functools.partial(jax.jit, compiler_options=options)
         def fwd_bwd(params, rest, batch):
             def compute_loss(p):
                 model = nnx.merge(graphdef, p, rest, copy=True)
@@ -286,7 +293,7 @@ class Runner:
         same shapes and parameters to fresh random inputs, all in one jitted call."""
         import jax
 
-        eqns = mac_eqns(jax.make_jaxpr(self.step)(self.state, self.batch, self.lr).jaxpr)
+        eqns = mac_eqns(jax.make_jaxpr(self.step.__wrapped__)(self.state, self.batch, self.lr).jaxpr)
         key = jax.random.key(0)
         inputs = []
         for i, eqn in enumerate(eqns):  # distinct inputs per op, so XLA cannot merge equal ops
@@ -471,9 +478,64 @@ def main(argv: list[str] | None = None) -> dict:
               f"speedup {row['speedup']:.3f}x (paired {row['speedup_paired']:.3f}x){extra}")
     if args.profile:
         result["profile"] = profile(args, first_pair, result)
+    if args.trace:
+        result["trace"] = trace(args, first_pair)
     result["loadavg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result))
     return result
+
+
+FUSION_KINDS = ("transpose", "ynnpack", "other fusions")
+
+
+def _fusion_kind(name: str) -> str | None:
+    if name.startswith("transpose"):
+        return "transpose"
+    if name.startswith("ynn_fusion"):
+        return "ynnpack"
+    if "fusion" in name and not name.startswith("end:"):
+        return "other fusions"
+    return None
+
+
+def trace(args: argparse.Namespace, runners: list[Runner]) -> dict:
+    """Thread-milliseconds per step of the step's fused kernels, by kind, from a profiler trace.
+
+    The events are those of XLA:CPU's intra-op threads. Fusions run there synchronously, so their
+    events measure their work (summed over the threads that split one fusion; hence
+    "thread-ms"); convolutions run asynchronously in Eigen and are not in these figures (see
+    the module docstring), which is why ``--profile`` times them by replay instead.
+    """
+    import glob
+    import tempfile
+
+    import jax
+
+    out: dict = {}
+    print(f"\ntrace: thread-ms per step of fused kernels by kind ({args.profile_steps} traced steps)")
+    print(f"{'':14s}" + "".join(f"{k:>16s}" for k in FUSION_KINDS) + f"{'transposes':>12s}")
+    for r in runners:
+        with tempfile.TemporaryDirectory() as folder:
+            with jax.profiler.trace(folder):
+                for _ in range(args.profile_steps):
+                    r.run()
+            path = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
+            data = jax.profiler.ProfileData.from_file(path)
+        ms = dict.fromkeys(FUSION_KINDS, 0.0)
+        count = 0
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLAEigen"):
+                    continue
+                for event in line.events:
+                    kind = _fusion_kind(event.name)
+                    if kind is not None:
+                        ms[kind] += event.duration_ns / 1e6 / args.profile_steps
+                        count += kind == "transpose"
+        out[r.name] = {k: round(v, 1) for k, v in ms.items()} | {"transpose_count": count // args.profile_steps}
+        print(f"{r.name:14s}" + "".join(f"{ms[k]:>16.1f}" for k in FUSION_KINDS)
+              + f"{count // args.profile_steps:>12d}")
+    return out
 
 
 def profile(args: argparse.Namespace, runners: list[Runner], result: dict) -> dict:

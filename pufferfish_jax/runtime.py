@@ -27,6 +27,23 @@ jaxlib 0.10.2 only (the 0.9 lower bound is the original, unverified here).
 Unknown XLA flags (and flag values) are fatal, so each flag is guarded by the jaxlib version
 that has it, and a user's own ``XLA_FLAGS`` always wins (we only add flags it does not name).
 Set ``PUFFERFISH_NO_XLA_FLAGS=1`` to leave ``XLA_FLAGS`` untouched.
+
+**The train step gets one more option, for its own program only.** XLA:CPU computes a conv's
+kernel gradient from its input transposed to ``[C, H, W, N]``, and it fuses the BN/ReLU/residual
+ops that produce that input into the transposing fusion, which then re-reads several
+activations in strided order: in the full-width ResNet-18 step these fusions took ~0.9 s of
+3.1 s (vanilla) and ~1.1 s of 2.1 s (Pufferfish), the largest single cost left after the
+convolutions (trace in ``experiments/bench_step.py --trace``). Letting YNNPACK also take the
+elementwise fusions (``LIBRARY_FUSION_TYPE_ELTWISE``) makes those transposes cheap: vanilla
+1.10×, Pufferfish 1.27× faster, the Pufferfish/vanilla step ratio 1.47× → 1.72×
+(``bench_step --compare``, idle host, width 1; at width 0.25 1.12×/1.06×, at width 0.125
+0.96×/0.91×). It is not a global flag because with it jaxlib 0.10 fails *at run time* on some
+other programs ("Instruction with unsupported layout in YNN fusion", e.g. an elementwise op
+after ``jnp.linalg.eigh``, which the SVD switch uses); the train steps of all the project's
+models run with it in the test suite. It is passed as ``jax.jit(..., compiler_options=...)``
+(see :func:`train_step_options`), only for CPU meshes, only on the jaxlib minor versions it
+was verified on, not when the user's own ``XLA_FLAGS`` name the YNN flag, and not under
+``PUFFERFISH_NO_XLA_FLAGS``.
 """
 
 from __future__ import annotations
@@ -37,6 +54,16 @@ import os
 CPU_FLAGS: tuple[tuple[str, str, tuple[int, int]], ...] = (
     ("--xla_cpu_experimental_ynn_fusion_type", "-individual_convolution", (0, 9)),
 )
+
+
+# Per-program options of the train step: (option, value, jaxlib (major, minor) verified on).
+# The value overwrites the YNN list, so it is the global choice above plus elementwise fusions.
+TRAIN_STEP_CPU_OPTIONS: tuple[tuple[str, str, tuple[tuple[int, int], ...]], ...] = (
+    ("xla_cpu_experimental_ynn_fusion_type",
+     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE", ((0, 10),)),
+)
+
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # before apply() adds ours
 
 
 def _jaxlib_version() -> tuple[int, int] | None:
@@ -55,6 +82,17 @@ def chosen_flags() -> list[str]:
     if installed is None:
         return []
     return [f"{flag}={value}" for flag, value, since in CPU_FLAGS if installed >= since]
+
+
+def train_step_options(platform: str) -> dict[str, str] | None:
+    """``compiler_options`` for the jitted train step on devices of ``platform`` (None: none)."""
+    installed = _jaxlib_version()
+    if platform != "cpu" or installed is None or os.environ.get("PUFFERFISH_NO_XLA_FLAGS"):
+        return None
+    user = {token.split("=", 1)[0].lstrip("-") for token in _USER_XLA_FLAGS.split()}
+    options = {name: value for name, value, verified in TRAIN_STEP_CPU_OPTIONS
+               if installed in verified and name not in user}
+    return options or None
 
 
 def apply() -> str:

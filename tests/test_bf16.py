@@ -74,7 +74,7 @@ def test_bf16_train_step_computes_in_bf16_with_float32_master_state(cifar_batch)
     step, state, mesh = _step_setup(jnp.bfloat16)
     batch = global_batch(cifar_batch, mesh)
     lr = jnp.asarray(0.1, jnp.float32)
-    convs = [e for e in mac_eqns(jax.make_jaxpr(step)(state, batch, lr).jaxpr) if e.primitive.name == "conv_general_dilated"]
+    convs = [e for e in mac_eqns(jax.make_jaxpr(step.__wrapped__)(state, batch, lr).jaxpr) if e.primitive.name == "conv_general_dilated"]
     assert convs and all(v.aval.dtype == BF16 for e in convs for v in e.invars)  # forward and backward convs in bf16
 
     before = jax.tree.map(np.asarray, state.params)

@@ -111,6 +111,70 @@ def test_installed_jaxlib_accepts_the_chosen_flags():
     assert flags.split() == runtime.chosen_flags()
 
 
+def test_train_step_options_only_on_cpu_and_verified_jaxlib(env):
+    env.setattr(runtime, "_jaxlib_version", lambda: (0, 10))
+    env.setattr(runtime, "_USER_XLA_FLAGS", "")
+    expected = {name: value for name, value, _ in runtime.TRAIN_STEP_CPU_OPTIONS}
+    assert expected and runtime.train_step_options("cpu") == expected
+    assert runtime.train_step_options("gpu") is None and runtime.train_step_options("tpu") is None
+    env.setattr(runtime, "_jaxlib_version", lambda: (0, 11))  # not verified there: nothing
+    assert runtime.train_step_options("cpu") is None
+    env.setattr(runtime, "_jaxlib_version", lambda: None)
+    assert runtime.train_step_options("cpu") is None
+
+
+def test_train_step_options_yield_to_the_user(env):
+    env.setattr(runtime, "_jaxlib_version", lambda: (0, 10))
+    env.setattr(runtime, "_USER_XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert runtime.train_step_options("cpu") is None
+    env.setattr(runtime, "_USER_XLA_FLAGS", "")
+    env.setenv("PUFFERFISH_NO_XLA_FLAGS", "1")
+    assert runtime.train_step_options("cpu") is None
+
+
+def test_train_step_with_its_options_matches_plain_compilation():
+    """The project's train step (compiled with its CPU options) and the same function compiled
+    plainly agree after two steps of a real ResNet on real images: the options change speed only."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from pufferfish_jax import factorize
+    from pufferfish_jax.data.cifar import load_npz
+    from pufferfish_jax.models.cifar_resnet import KEEP_FULL_RANK, resnet18
+    from pufferfish_jax.parallel import data_mesh, global_batch, place_state
+    from pufferfish_jax.reducers import all_reduce
+    from pufferfish_jax.train.tasks import image_classification
+    from pufferfish_jax.train.state import init_state, split_model
+    from pufferfish_jax.train.steps import make_train_step
+
+    if not os.path.exists(os.path.join(DATA_DIR, "cifar10_subset.npz")):
+        pytest.skip(f"{DATA_DIR}/cifar10_subset.npz not found (set PUFFERFISH_DATA)")
+    train, _ = load_npz(os.path.join(DATA_DIR, "cifar10_subset.npz"))
+    model = resnet18(width=0.125, rngs=nnx.Rngs(0))
+    factorize(model, 0.25, KEEP_FULL_RANK)
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.trace(decay=0.9))
+    mesh = data_mesh()
+    graphdef, _, params, rest = split_model(model)
+    step = make_train_step(graphdef, image_classification(), tx, all_reduce(), mesh)
+    plain = jax.jit(step.__wrapped__, donate_argnums=0)
+    batch = global_batch({"image": train.images[:32], "label": train.labels[:32]}, mesh)
+    lr = jnp.asarray(0.1, jnp.float32)
+    results = []
+    for fn in (step, plain):
+        fresh = jax.tree.map(jnp.copy, (params, rest))  # the steps donate their state
+        state = place_state(init_state(*fresh, tx, all_reduce(), mesh.size), mesh)
+        for _ in range(2):
+            state, metrics = fn(state, batch, lr)
+        results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss_sum"])))
+    (p_opt, loss_opt), (p_plain, loss_plain) = results
+    assert loss_opt == pytest.approx(loss_plain, rel=1e-4)
+    for a, b in zip(jax.tree.leaves(p_opt), jax.tree.leaves(p_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_amdahl_bound():
     from experiments.bench_step import amdahl
 
@@ -144,7 +208,7 @@ def test_bench_step_smoke(tmp_path):
     env = dict(os.environ, PUFFERFISH_DATA=DATA_DIR)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, str(REPO / "experiments" / "bench_step.py"), "--width", "0.0625", "--batch-size", "8",
-           "--steps", "2", "--warmup", "1", "--transition-models", "1", "--profile", "--profile-steps", "1"]
+           "--steps", "2", "--warmup", "1", "--transition-models", "1", "--profile", "--profile-steps", "1", "--trace"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -158,6 +222,10 @@ def test_bench_step_smoke(tmp_path):
     assert profile["vanilla_ms"]["conv_dot"] > 0 and profile["pufferfish_ms"]["conv_dot"] > 0
     assert profile["vanilla_conv_dot_ops"] > 0 and 0 < profile["conv_fraction"] <= 1
     assert 1.0 <= profile["amdahl_bound"] <= summary["mac_ratio"]
+    trace = summary["trace"]  # the fused kernels of both steps, by kind, from a real profiler trace
+    for name in ("vanilla", "pufferfish"):
+        assert trace[name]["transpose"] > 0 and trace[name]["transpose_count"] > 0
+        assert trace[name]["ynnpack"] >= 0 and trace[name]["other fusions"] > 0
 
 
 def test_bench_step_help():

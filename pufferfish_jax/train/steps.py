@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pufferfish_jax import runtime
 from pufferfish_jax.parallel import DATA
 from pufferfish_jax.reducers import Reducer
 from pufferfish_jax.train.state import TrainState, state_specs
@@ -66,6 +67,11 @@ def make_train_step(
     ``tx`` maps gradients to a descent direction without the learning rate (e.g. weight
     decay + momentum); ``lr`` is a traced argument, so schedules never recompile.
     Compiles once per ``graphdef`` (once per phase).
+
+    On CPU meshes the step is compiled with :func:`pufferfish_jax.runtime.train_step_options`.
+    JAX accepts ``compiler_options`` only on a top-level ``jax.jit``: to trace the step
+    (``jax.make_jaxpr``) or call it inside another ``jit``, use ``step.__wrapped__``, the same
+    function without its own compilation.
     """
 
     def local_step(state: TrainState, batch: Batch, lr: jax.Array) -> tuple[TrainState, Metrics]:
@@ -88,7 +94,8 @@ def make_train_step(
 
     specs = state_specs(None)
     sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA), P()), out_specs=(specs, P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    options = runtime.train_step_options(mesh.devices.flat[0].platform)
+    return jax.jit(sharded, donate_argnums=0, compiler_options=options)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, metrics_fn: LossFn, mesh: Mesh
