@@ -36,6 +36,13 @@ the trace put under 2% of the step in convolutions). Replayed in isolation, conv
 get the whole machine as in the step; with the project's XLA flags each convolution is
 its own op in the compiled step too (not fused with BN or ReLU), so the split is fair.
 
+``--trace`` adds what the replay cannot show: a ``jax.profiler`` trace of ``--profile-steps``
+steps of each model, whose fused (non-convolution) kernels are summed by kind —
+``transpose`` (layout copies feeding the kernel-gradient convolutions, with whatever XLA fused
+into them), ``ynnpack`` and ``other fusions`` (BN, ReLU, residual adds, loss, optimizer) — in
+thread-milliseconds per step. It found the BN/ReLU recompute fused into the transposes that
+:func:`pufferfish_jax.runtime.train_step_options` now avoids.
+
 From the split follows the *Amdahl bound*: if only the ``conv/dot`` time shrank by the
 model's MAC ratio (2.57× for ResNet-18 at ranks 0.25) and everything else stayed, the step
 speedup would be at most ``1 / ((1 - f) + f / mac_ratio)`` with ``f`` the ``conv/dot``
