@@ -199,6 +199,48 @@ def report_done(args: argparse.Namespace, what: str, results: str, summary: dict
     return s
 
 
+def time_train_steps(exp, seed: int, ranks: float, batch: dict, lr: float, steps: int) -> dict[str, tuple[int, list[float]]]:
+    """``--bench-steps``: the project's own train step (``make_train_step``, exact all-reduce, the
+    task's carry) of the vanilla model and of its Pufferfish form (SVD of the same weights), on one
+    fixed host ``batch``, timed interleaved so that load from other processes hits both alike.
+    Returns ``{"vanilla" | "pufferfish": (trainable params, step seconds)}``; the first two rounds
+    (compilation, warm-up) are not timed."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pufferfish_jax import count_params, factorize
+    from pufferfish_jax.parallel import data_mesh, global_batch, place_state
+    from pufferfish_jax.reducers import all_reduce
+    from pufferfish_jax.train.state import init_state, split_model
+    from pufferfish_jax.train.steps import make_train_step
+    from pufferfish_jax.train.trainer import initial_carry
+
+    mesh, tx, reducer = data_mesh(), exp.make_tx(), all_reduce()
+    batch = global_batch(batch, mesh)
+    rows = next(iter(batch.values())).shape[0]
+    lr = jnp.asarray(lr, jnp.float32)
+    runs = {}
+    for name in ("vanilla", "pufferfish"):
+        model = exp.build_model(nnx.Rngs(seed))
+        if name == "pufferfish":
+            factorize(model, ranks, exp.keep_full_rank)
+        train_def, _, params, rest = split_model(model)
+        state = place_state(init_state(params, rest, tx, reducer, mesh.size), mesh)
+        runs[name] = [make_train_step(train_def, exp.loss_fn, tx, reducer, mesh),
+                      state.replace(carry=initial_carry(exp, rows, mesh)), count_params(model), []]
+    for i in range(steps + 2):
+        for run in runs.values():
+            t0 = time.perf_counter()
+            run[1], metrics = run[0](run[1], batch, lr)
+            jax.block_until_ready((run[1], metrics))
+            if i >= 2:
+                run[3].append(time.perf_counter() - t0)
+    return {name: (run[2], run[3]) for name, run in runs.items()}
+
+
 def default_out_dir(args: argparse.Namespace, name: str) -> str:
     import time
 

@@ -27,7 +27,7 @@ import sys
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
 from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, fail, prepare_run, print_dry_run,
-                             report_done, run_training, validate_run_args)
+                             report_done, run_training, time_train_steps, validate_run_args)
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
 PAPER_VOCAB = 33_278  # WikiText-2, the paper's corpus
@@ -153,45 +153,14 @@ def bench(args: argparse.Namespace, corpus) -> dict:
     exact all-reduce, clipped SGD, carry threaded through) for the vanilla model and for its
     Pufferfish form after the SVD switch, timed interleaved so that load from other processes
     hits both alike."""
-    import time
-
-    import jax
     import numpy as np
-    from flax import nnx
-
-    from pufferfish_jax import count_params, factorize
-    from pufferfish_jax.parallel import data_mesh, global_batch, place_state
-    from pufferfish_jax.reducers import all_reduce
-    from pufferfish_jax.train.state import init_state, split_model
-    from pufferfish_jax.train.steps import make_train_step
-    from pufferfish_jax.train.trainer import initial_carry
 
     exp = experiment(args, corpus)
-    mesh, tx, reducer = data_mesh(), exp.make_tx(), all_reduce()
-    batch = global_batch(exp.train_data(0, 0, 1)[0], mesh)
-    lr = jax.numpy.asarray(args.lr, jax.numpy.float32)
-    runs, params = {}, {}
-    for name in ("vanilla", "pufferfish"):
-        model = exp.build_model(nnx.Rngs(args.seed))
-        if name == "pufferfish":
-            factorize(model, args.ranks, exp.keep_full_rank)
-        params[name] = count_params(model)
-        train_def, _, p, rest = split_model(model)
-        state = place_state(init_state(p, rest, tx, reducer, mesh.size), mesh)
-        runs[name] = [make_train_step(train_def, exp.loss_fn, tx, reducer, mesh),
-                      state.replace(carry=initial_carry(exp, args.batch_size, mesh))]
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.bench_steps + 2):  # the first two rounds compile and warm up
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run[1], metrics = run[0](run[1], batch, lr)
-            jax.block_until_ready((run[1], metrics))
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
+    timed = time_train_steps(exp, args.seed, args.ranks, exp.train_data(0, 0, 1)[0], args.lr, args.bench_steps)
     report = {"emsize": args.emsize, "nhid": args.nhid, "vocab_size": corpus.vocab_size, "batch_size": args.batch_size,
               "bptt": args.bptt, "steps": args.bench_steps, "rank_ratio": args.ranks,
-              **{f"params_{n}": params[n] for n in runs},
-              **{f"step_s_{n}": float(np.median(times[n])) for n in runs}}
+              **{f"params_{n}": params for n, (params, _) in timed.items()},
+              **{f"step_s_{n}": float(np.median(times)) for n, (_, times) in timed.items()}}
     report["speedup"] = report["step_s_vanilla"] / report["step_s_pufferfish"]
     print(f"median train step: vanilla {report['step_s_vanilla'] * 1e3:.1f} ms, Pufferfish "
           f"{report['step_s_pufferfish'] * 1e3:.1f} ms ({report['speedup']:.2f}x) over {args.bench_steps} interleaved steps")

@@ -41,7 +41,8 @@ import numpy as np
 
 import pufferfish_jax  # noqa: F401  (sets XLA flags before jax starts)
 from experiments.cli import (ArgumentParser, UsageError, add_run_args, compute_dtype, default_out_dir, fail,
-                             prepare_run, print_dry_run, report_done, run_training, validate_run_args)
+                             prepare_run, print_dry_run, report_done, run_training, time_train_steps,
+                             validate_run_args)
 from pufferfish_jax.data.tfds_cifar10 import DatasetError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,44 +269,17 @@ def bench_steps(args: argparse.Namespace, vocab_size: int, train) -> dict:
     hits both alike."""
     import statistics
 
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from pufferfish_jax import count_params, factorize
     from pufferfish_jax.data import translation as data
-    from pufferfish_jax.models.transformer import KEEP_FULL_RANK
-    from pufferfish_jax.parallel import data_mesh, global_batch, place_state
-    from pufferfish_jax.reducers import all_reduce
-    from pufferfish_jax.train.state import init_state, split_model
-    from pufferfish_jax.train.steps import make_train_step
 
-    mesh, reducer = data_mesh(), all_reduce()
     longest = np.argsort(-train.lengths(), kind="stable")[: args.batch_size]
     batch = data._batch(train, longest, data.padded_length(int(train.lengths()[longest].max()), args.pad_multiple))
-    batch = global_batch(batch, mesh)
     exp = experiment(args, vocab_size, train, train, train)
-    tx, lr = exp.make_tx(), jnp.asarray(1e-4, jnp.float32)
-    runners = {}
-    for name in ("vanilla", "pufferfish"):
-        model = build_model(args, vocab_size, nnx.Rngs(args.seed))
-        if name == "pufferfish":
-            factorize(model, args.ranks, KEEP_FULL_RANK, init="svd")
-        graphdef, _, params, rest = split_model(model)
-        state = place_state(init_state(params, rest, tx, reducer, mesh.size), mesh)
-        runners[name] = [make_train_step(graphdef, exp.loss_fn, tx, reducer, mesh), state, count_params(model), []]
-    for i in range(args.bench_steps + 2):  # 2 untimed rounds: compilation and one more
-        for name, r in runners.items():
-            t0 = time.perf_counter()
-            r[1], metrics = r[0](r[1], batch, lr)
-            jax.block_until_ready((r[1], metrics))
-            if i >= 2:
-                r[3].append(time.perf_counter() - t0)
+    runners = time_train_steps(exp, args.seed, args.ranks, batch, 1e-4, args.bench_steps)
     report = {"task": TASK, "bench_steps": args.bench_steps, "batch_size": args.batch_size,
               "tokens": int(np.asarray(batch["tgt_out"] != data.PAD).sum()), "padded_length": int(batch["src"].shape[1])}
-    for name, r in runners.items():
-        report[f"{name}_ms"] = 1000 * statistics.median(r[3])
-        report[f"params_{name}"] = r[2]
+    for name, (params, times) in runners.items():
+        report[f"{name}_ms"] = 1000 * statistics.median(times)
+        report[f"params_{name}"] = params
     report["speedup"] = report["vanilla_ms"] / report["pufferfish_ms"]
     print(f"train step, {args.batch_size} sentences x {report['padded_length']} tokens: vanilla "
           f"{report['vanilla_ms']:.1f} ms, Pufferfish {report['pufferfish_ms']:.1f} ms ({report['speedup']:.2f}x)")
