@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pufferfish_jax import ranks as rank_rule
+from pufferfish_jax import runtime
 from pufferfish_jax.layers import LOW_RANK_TYPES, LowRankConv, LowRankLinear, LowRankLinearGeneral
 
 
@@ -255,6 +256,10 @@ def factorize(
 
     Returns:
       The replaced layers, in module order.
+
+    On CPU the SVD call has finished when this returns, and while it runs this process's BLAS
+    (OpenBLAS, behind jaxlib's LAPACK and numpy) uses one thread: see
+    :func:`pufferfish_jax.runtime.single_threaded_blas`.
     """
     layers = plan(model, rank_ratio, keep_full_rank, overrides)
     if not layers:
@@ -275,13 +280,19 @@ def factorize(
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
 
     news = [_abstract_twin(old, layer.rank) for old, layer in zip(olds, layers)]
-    factors = _factor_kernels(
-        tuple(old.kernel[...] for old in olds),
-        fans=tuple((layer.fan_in, layer.fan_out) for layer in layers),
-        ranks=tuple(layer.rank for layer in layers),
-        shapes=tuple((new.first.kernel.shape, new.second.kernel.shape) for new in news),
-        method=method,
-    )
+    platform = jax.default_backend()
+    # On CPU, LAPACK (OpenBLAS) running multi-threaded beside XLA's own threads oversubscribes
+    # the cores (runtime.single_threaded_blas); the limit holds only until the call has finished.
+    with runtime.single_threaded_blas(platform):
+        factors = _factor_kernels(
+            tuple(old.kernel[...] for old in olds),
+            fans=tuple((layer.fan_in, layer.fan_out) for layer in layers),
+            ranks=tuple(layer.rank for layer in layers),
+            shapes=tuple((new.first.kernel.shape, new.second.kernel.shape) for new in news),
+            method=method,
+        )
+        if platform == "cpu":
+            jax.block_until_ready(factors)
     for (parent, key), old, new, (first, second) in zip(sites, olds, news, factors):
         new.first.kernel.set_value(first)
         new.second.kernel.set_value(second)

@@ -235,3 +235,40 @@ def test_bench_step_help():
     assert proc.returncode == 0
     for flag in ("--arch", "--width", "--batch-size", "--steps", "--ranks", "--profile"):
         assert flag in proc.stdout
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_single_threaded_blas_limits_on_cpu_and_restores():
+    import jax.numpy as jnp
+
+    jnp.linalg.eigh(jnp.eye(3)).eigenvalues.block_until_ready()  # loads jaxlib's LAPACK
+    before = _blas_threads()
+    assert before, "threadpoolctl should find the BLAS behind numpy/jaxlib"
+    with runtime.single_threaded_blas("cpu"):
+        assert all(n == 1 for n in _blas_threads())
+    assert _blas_threads() == before
+    with runtime.single_threaded_blas("gpu"):  # LAPACK on the host is not what runs there
+        assert _blas_threads() == before
+    with pytest.raises(RuntimeError):
+        with runtime.single_threaded_blas("cpu"):
+            raise RuntimeError("a failing switch")
+    assert _blas_threads() == before
+
+
+def test_factorize_restores_blas_threads():
+    from flax import nnx
+
+    from pufferfish_jax import factorize
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+
+    before = _blas_threads()
+    assert factorize(Net(), 0.25)
+    assert _blas_threads() == before
