@@ -9,6 +9,8 @@ Public API:
   - the switch: :func:`factorize` (in-place surgery, one compiled SVD call), :func:`plan`, :func:`low_rank_init`
   - the rank rule: :func:`low_rank`
   - accounting: :func:`count_params`, :func:`count_macs`, :func:`grad_bytes`
+  - :func:`pufferfish_jax.convolution.conv_general_dilated`: ``lax``'s, without XLA:CPU's slow
+    path for maps smaller than the kernel (pass it to ``nnx.Conv``)
 """
 
 from pufferfish_jax import runtime as _runtime  # noqa: F401  (XLA:CPU flags must be set before jax initializes)

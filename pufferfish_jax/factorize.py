@@ -186,7 +186,8 @@ def _low_rank_module(old: nnx.Module, rank: int, rngs: nnx.Rngs) -> nnx.Module:
     if isinstance(old, nnx.Conv):
         return LowRankConv(
             old.in_features, old.out_features, old.kernel_size, rank, strides=old.strides, padding=old.padding,
-            input_dilation=old.input_dilation, kernel_dilation=old.kernel_dilation, **common,
+            input_dilation=old.input_dilation, kernel_dilation=old.kernel_dilation,
+            conv_general_dilated=old.conv_general_dilated, **common,
         )
     if isinstance(old, nnx.Linear):
         return LowRankLinear(old.in_features, old.out_features, rank, **common)
@@ -205,7 +206,7 @@ def _abstract_twin(old: nnx.Module, rank: int) -> nnx.Module:
     """
     key = repr((type(old).__name__, rank, old.in_features, old.out_features, old.dtype, old.param_dtype, old.precision,
                 old.use_bias, *(getattr(old, a, None) for a in ("kernel_size", "strides", "padding", "input_dilation",
-                                                                   "kernel_dilation", "axis"))))
+                                                                   "kernel_dilation", "axis", "conv_general_dilated"))))
     if key not in _TWINS:
         _TWINS[key] = nnx.split(nnx.eval_shape(lambda: _low_rank_module(old, rank, nnx.Rngs(0))))
     graphdef, abstract = _TWINS[key]

@@ -10,11 +10,13 @@ the layer it replaces.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pufferfish_jax.convolution import conv_general_dilated as _conv_general_dilated
 
 Array = jax.Array
 
@@ -56,6 +58,9 @@ class LowRankConv(nnx.Module):
 
     Replaces ``nnx.Conv(c_in, c_out, kernel_size)``. Nothing sits between the two
     factors, so their composition is exactly a rank-``rank`` conv (as the official code).
+    ``conv_general_dilated`` is what both factors convolve with (``nnx.Conv``'s argument); the
+    default is :func:`pufferfish_jax.convolution.conv_general_dilated`, ``lax``'s with XLA:CPU's
+    slow path for maps smaller than the kernel avoided.
     """
 
     def __init__(
@@ -73,12 +78,14 @@ class LowRankConv(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        conv_general_dilated: Callable[..., Array] = _conv_general_dilated,
         rngs: nnx.Rngs,
     ):
         if isinstance(kernel_size, int):
             kernel_size = (kernel_size, kernel_size)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
+                      conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.first = nnx.Conv(
             in_features, rank, tuple(kernel_size), strides=strides, padding=padding,
             input_dilation=input_dilation, kernel_dilation=kernel_dilation, use_bias=False, **common,

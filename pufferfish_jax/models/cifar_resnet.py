@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pufferfish_jax.convolution import conv_general_dilated
+
 KEEP_FULL_RANK = ("conv1", "layer1.0", "*shortcut*", "linear")
 """Hybrid network (§3.2, official code): the stem, the first block of layer1,
 every 1×1 shortcut and the classifier stay full rank; the other 7 blocks' 3×3 convs are factorized."""
@@ -22,7 +24,7 @@ conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def conv3x3(c_in: int, c_out: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
     return nnx.Conv(c_in, c_out, (3, 3), strides=stride, padding=1, use_bias=False,
-                    kernel_init=conv_init, dtype=dtype, rngs=rngs)
+                    kernel_init=conv_init, dtype=dtype, conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def _input_to_compute_dtype(arrays: tuple, *, dtype: Any) -> tuple:
