@@ -22,9 +22,16 @@ every 1×1 shortcut and the classifier stay full rank; the other 7 blocks' 3×3 
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv3x3(c_in: int, c_out: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(c_in, c_out, (3, 3), strides=stride, padding=1, use_bias=False,
+def conv(c_in: int, c_out: int, k: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+    """A bias-free ``k×k`` conv with ``k // 2`` padding: every conv of the project's CNNs but the
+    CIFAR ResNet shortcuts. ``conv_general_dilated`` keeps XLA:CPU off its slow path on maps
+    smaller than the kernel (VGG-19's 2×2 maps)."""
+    return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=k // 2, use_bias=False,
                     kernel_init=conv_init, dtype=dtype, conv_general_dilated=conv_general_dilated, rngs=rngs)
+
+
+def conv3x3(c_in: int, c_out: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+    return conv(c_in, c_out, 3, stride, dtype, rngs)
 
 
 def _input_to_compute_dtype(arrays: tuple, *, dtype: Any) -> tuple:

@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pufferfish_jax.convolution import conv_general_dilated
-from pufferfish_jax.models.cifar_resnet import batch_norm, conv_init
+from pufferfish_jax.models.cifar_resnet import batch_norm, conv3x3
 
 CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
@@ -32,9 +31,7 @@ class VGG(nnx.Module):
         for v in self.plan:
             if v == "M":
                 continue
-            # conv13–16 see 2×2 maps: conv_general_dilated keeps XLA:CPU off its slow path for them.
-            convs.append(nnx.Conv(c_in, v, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=dtype,
-                                  conv_general_dilated=conv_general_dilated, rngs=rngs))
+            convs.append(conv3x3(c_in, v, 1, dtype, rngs))  # conv13–16 see 2×2 maps (see cifar_resnet.conv)
             bns.append(batch_norm(v, dtype, rngs))
             c_in = v
         self.convs, self.bns = nnx.List(convs), nnx.List(bns)

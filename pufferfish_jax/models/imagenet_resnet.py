@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pufferfish_jax.convolution import conv_general_dilated
-from pufferfish_jax.models.cifar_resnet import batch_norm, conv_init
+from pufferfish_jax.models.cifar_resnet import batch_norm, conv
 
 KEEP_FULL_RANK = ("conv1", "layer1", "layer2", "layer3", "fc")
 """Hybrid network of the official Pufferfish ImageNet code: the stem and layer1–layer3 stay full
@@ -27,11 +26,6 @@ NUM_CLASSES = 1000
 # torchvision's normalization, on the 0–255 scale the pipeline delivers (uint8 images).
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-
-def conv(c_in: int, c_out: int, k: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=k // 2, use_bias=False,
-                    kernel_init=conv_init, dtype=dtype, conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 class Bottleneck(nnx.Module):
